@@ -1,0 +1,431 @@
+"""``featx`` command line: parse, call the Python API, print a summary, map errors to exit codes.
+
+Results go to files (or stdout where asked); progress and logs go to stderr. Exit codes are listed in
+:mod:`featx.errors`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from featx import __version__
+from featx.errors import FeatxError
+
+log = logging.getLogger("featx")
+
+EPILOG = "exit codes: 0 ok, 1 internal error, 2 usage or data error, 5 some bench cells failed, 130 interrupted"
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared option groups
+
+
+def _add_backbone_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("backbone")
+    g.add_argument("--backbone", default="efficientnet_lite0",
+                   help="registry name (see `featx backbones`) or timm:<model> (default: %(default)s)")
+    g.add_argument("--weights", default="imagenet", help="imagenet | none | PATH to a state_dict (default: %(default)s)")
+    g.add_argument("--layer", default="pooled", help="pooled penultimate features, or a block name (default: %(default)s)")
+    g.add_argument("--image-size", type=int, default=None, help="input resolution (default: the weights' own)")
+    g.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="compute precision (default: fp32)")
+
+
+def _add_runtime_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto)")
+    g.add_argument("--batch-size", type=int, default=None, help="images per batch (default: 16 on CPU, 128 on CUDA)")
+    g.add_argument("--num-workers", type=int, default=None, help="decode worker processes (default: cores - 1, at least 1)")
+
+
+def _add_cache_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dir", default=None, help="cache folder (default: $FEATX_CACHE_DIR or ./cache)")
+
+
+def _add_split_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("splits (used when the dataset has no val/test folder)")
+    g.add_argument("--val-fraction", type=float, default=0.2, help="share of train carved out as val (default: 0.2)")
+    g.add_argument("--test-fraction", type=float, default=0.2, help="share of train carved out as test (default: 0.2)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the carving (default: 0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="featx", description="Transfer learning on images: cached backbone features, cheap heads, fine-tuning baselines.",
+        epilog=EPILOG,
+    )
+    parser.add_argument("--version", action="version", version=f"featx {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logs and tracebacks")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("extract", help="extract backbone features into HDF5 caches", epilog=EPILOG)
+    p.add_argument("dataset", help="ImageFolder root (optionally with train/val/test) or a CSV manifest")
+    p.add_argument("--splits", default=None, help="comma-separated splits to extract (default: all the dataset has)")
+    _add_backbone_options(p)
+    _add_runtime_options(p)
+    p.add_argument("--no-channels-last", action="store_true", help="keep NCHW memory format")
+    _add_cache_dir(p)
+    p.add_argument("--force", action="store_true", help="re-extract even if a cache exists")
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("cache", help="list, inspect or remove caches", epilog=EPILOG)
+    csub = p.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    q = csub.add_parser("ls", help="list caches")
+    _add_cache_dir(q)
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q.set_defaults(func=cmd_cache_ls)
+    q = csub.add_parser("info", help="show one cache's attributes")
+    q.add_argument("ref", help="cache file, key or key prefix")
+    _add_cache_dir(q)
+    q.set_defaults(func=cmd_cache_info)
+    q = csub.add_parser("rm", help="remove caches")
+    q.add_argument("refs", nargs="*", help="cache files, keys or key prefixes")
+    q.add_argument("--all", action="store_true", help="remove every cache in the folder")
+    _add_cache_dir(q)
+    q.set_defaults(func=cmd_cache_rm)
+
+    p = sub.add_parser("fit-head", help="train sklearn heads on cached features", epilog=EPILOG)
+    p.add_argument("dataset", nargs="?", help="dataset whose caches to use (same backbone options as extract)")
+    p.add_argument("--train", dest="train_cache", help="train cache (file or key) instead of a dataset")
+    p.add_argument("--val", dest="val_cache", help="val cache (optional)")
+    p.add_argument("--test", dest="test_cache", help="test cache (optional)")
+    p.add_argument("--head", default="logreg", help="logreg, linear-svm, rbf-svm, knn, comma-separated, or all (default: logreg)")
+    p.add_argument("--extract", action="store_true", help="extract missing caches first")
+    _add_backbone_options(p)
+    _add_runtime_options(p)
+    _add_cache_dir(p)
+    _add_split_options(p)
+    p.add_argument("--n-jobs", type=int, default=None, help="parallel sweep workers (default: all cores)")
+    p.add_argument("--out-dir", default="heads", help="where heads (.skops) and metrics (.json) go (default: heads)")
+    p.set_defaults(func=cmd_fit_head)
+
+    p = sub.add_parser("predict", help="label images with a saved head", epilog=EPILOG)
+    p.add_argument("head", help="head file written by fit-head (.skops)")
+    p.add_argument("inputs", nargs="*", help="image files, folders or a CSV with a 'path' column")
+    p.add_argument("--cache", default=None, help="predict the rows of a cache instead of images")
+    p.add_argument("-o", "--output", default="-", help="output .csv or .json, or - for CSV on stdout (default: -)")
+    _add_runtime_options(p)
+    _add_cache_dir(p)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("backbones", help="list backbones and which weights are available offline", epilog=EPILOG)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_backbones)
+
+    p = sub.add_parser("finetune", help="fine-tuning baseline on the same splits", epilog=EPILOG)
+    p.add_argument("dataset", help="ImageFolder root or CSV manifest")
+    p.add_argument("--strategy", default="full", help="full | partial | head | lp-ft (default: full)")
+    p.add_argument("--trainable-blocks", type=int, default=2, help="partial: train the last N blocks (default: 2)")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--optimizer", default="sgd", help="sgd | adamw (default: sgd)")
+    p.add_argument("--lr", type=float, default=0.01, help="head learning rate (default: 0.01)")
+    p.add_argument("--backbone-lr-scale", type=float, default=0.1, help="backbone LR = lr * this (default: 0.1)")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--dropout", type=float, default=0.2)
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--augment", default="random_resized_crop,hflip,affine",
+                   help="comma-separated augmentations, or none (default: %(default)s)")
+    p.add_argument("--patience", type=int, default=3, help="early-stopping patience in epochs, 0 = off (default: 3)")
+    p.add_argument("--out-dir", default=None, help="checkpoint and result folder (default: runs/finetune/<dataset>-<strategy>)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out-dir")
+    _add_backbone_options(p)
+    _add_runtime_options(p)
+    _add_split_options(p)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("bench", help="run a feature-extraction vs fine-tuning grid and write the report", epilog=EPILOG)
+    p.add_argument("--config", default=None, help="grid file (YAML or TOML); flags below override it")
+    p.add_argument("--quick", action="store_true", help="small grid on the embedded sample (a few minutes on 2 CPU cores)")
+    p.add_argument("--dataset", action="append", default=None, help="dataset path (repeatable)")
+    p.add_argument("--backbone", action="append", default=None, help="backbone (repeatable)")
+    p.add_argument("--out-dir", default=None, help="report folder (default: runs/bench or runs/bench-quick)")
+    _add_cache_dir(p)
+    p.add_argument("--device", default=None, help="auto | cpu | cuda (default: from the config, else auto)")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+# --------------------------------------------------------------------------------------------------
+# Commands
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return not args.quiet and sys.stderr.isatty()
+
+
+def _err(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from featx.data import load_dataset
+    from featx.extraction import extract
+
+    ds = load_dataset(args.dataset)
+    results = extract(
+        ds, splits=args.splits.split(",") if args.splits else None, backbone=args.backbone, weights=args.weights,
+        layer=args.layer, image_size=args.image_size, precision=args.precision, device=args.device,
+        batch_size=args.batch_size, num_workers=args.num_workers, channels_last=not args.no_channels_last,
+        cache_dir=args.cache_dir, force=args.force, progress=_progress(args),
+    )
+    for r in results:
+        for path, reason in r.failures[:5]:
+            _err(f"  skipped {path}: {reason}")
+        print(r.summary())
+    total = sum(r.n_images for r in results)
+    skipped = sum(r.n_failed for r in results)
+    seconds = sum(r.seconds for r in results)
+    hits = sum(r.hit for r in results)
+    extra = f", {ds.ignored_files} non-image files ignored" if ds.ignored_files else ""
+    print(f"done: {total} images, {skipped} skipped, {hits}/{len(results)} cache hits, {seconds:.1f} s{extra}")
+    return 0
+
+
+def cmd_cache_ls(args: argparse.Namespace) -> int:
+    from featx.cache import list_caches, resolve_cache_dir
+
+    rows = list_caches(args.cache_dir)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no caches in {resolve_cache_dir(args.cache_dir)}")
+        return 0
+    table = [["key", "dataset", "split", "backbone", "layer", "shape", "size", "created"]]
+    for r in rows:
+        if r["status"] != "complete":
+            table.append([r["key"], r["file"], "-", "-", "-", "-", f"{r['size_mb']:.1f} MB", r["status"][:40]])
+            continue
+        table.append([r["key"], r["dataset"], r["split"], r["backbone"], r["layer"], "x".join(map(str, r["shape"])),
+                      f"{r['size_mb']:.1f} MB", r["created"]])
+    print(format_table(table))
+    return 0
+
+
+def cmd_cache_info(args: argparse.Namespace) -> int:
+    from featx.cache import read_cache_attrs, resolve_cache_path
+
+    path = resolve_cache_path(args.ref, args.cache_dir)
+    attrs = read_cache_attrs(path)
+    print(json.dumps({"path": str(path), **attrs}, indent=2, default=str))
+    return 0
+
+
+def cmd_cache_rm(args: argparse.Namespace) -> int:
+    from featx.cache import remove_caches
+    from featx.errors import UsageError
+
+    if not args.refs and not args.all:
+        raise UsageError("give cache keys/files to remove, or --all")
+    removed = remove_caches(args.refs, args.cache_dir, all_=args.all)
+    for p in removed:
+        print(f"removed {p}")
+    return 0
+
+
+def _resolve_head_caches(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """Caches for fit-head: explicit --train/--val/--test, or looked up by key for a dataset."""
+    from featx.cache import find_cache, load_cache, resolve_cache_dir, resolve_cache_path
+    from featx.data import load_dataset
+    from featx.errors import CacheError, UsageError
+    from featx.extraction import cache_spec, extract
+
+    if args.train_cache:
+        if args.dataset:
+            raise UsageError("give either a dataset or --train/--val/--test caches, not both")
+        sets = {"train": load_cache(resolve_cache_path(args.train_cache, args.cache_dir))}
+        for name, ref in (("val", args.val_cache), ("test", args.test_cache)):
+            if ref:
+                sets[name] = load_cache(resolve_cache_path(ref, args.cache_dir))
+        return sets, str(sets["train"].attrs.get("dataset_name", "dataset"))
+    if not args.dataset:
+        raise UsageError("give a dataset, or --train CACHE [--val CACHE] [--test CACHE]")
+    ds = load_dataset(args.dataset)
+    if args.extract:
+        extract(ds, backbone=args.backbone, weights=args.weights, layer=args.layer, image_size=args.image_size,
+                precision=args.precision, device=args.device, batch_size=args.batch_size,
+                num_workers=args.num_workers, cache_dir=args.cache_dir, progress=_progress(args))
+    cdir = resolve_cache_dir(args.cache_dir)
+    sets = {}
+    for name, split in ds.splits.items():
+        spec = cache_spec(split, backbone=args.backbone, weights=args.weights, layer=args.layer,
+                          image_size=args.image_size, precision=args.precision)
+        path = find_cache(cdir, spec.key())
+        if path is None:
+            raise CacheError(f"no cache for split '{name}' of {ds.root} with these options in {cdir}: "
+                             f"run `featx extract {args.dataset}` with the same options first (or add --extract)")
+        sets[name] = load_cache(path)
+    return sets, ds.name
+
+
+def cmd_fit_head(args: argparse.Namespace) -> int:
+    from featx.data import SplitPlan
+    from featx.errors import UsageError
+    from featx.heads import HEADS, fit_head, head_summary, save_head
+
+    kinds = list(HEADS) if args.head == "all" else [h.strip() for h in args.head.split(",") if h.strip()]
+    unknown = [k for k in kinds if k not in HEADS]
+    if unknown or not kinds:
+        raise UsageError(f"unknown head '{', '.join(unknown)}' (choose from {', '.join(HEADS)}, or all)")
+    sets, ds_name = _resolve_head_caches(args)
+    plan = SplitPlan(args.val_fraction, args.test_fraction, args.seed)
+    out_dir = Path(args.out_dir)
+    rows = [["head", "best params", "val acc", "test acc", "macro-F1", "macro recall", "per-class acc", "fit s"]]
+    summaries = {}
+    attrs = sets["train"].attrs
+    for kind in kinds:
+        head = fit_head(sets["train"], sets.get("val"), sets.get("test"), kind=kind, plan=plan, n_jobs=args.n_jobs)
+        stem = f"{ds_name}-{attrs['backbone'].replace(':', '_')}-{attrs['layer']}-{kind}"
+        path = save_head(head, out_dir / f"{stem}.skops")
+        summaries[kind] = {"path": str(path), **head_summary(head)}
+        m = head.test_metrics or {}
+        rows.append([kind, ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in head.best_params.items()),
+                     f"{head.val_accuracy:.3f}", f"{m.get('accuracy', float('nan')):.3f}", f"{m.get('macro_f1', float('nan')):.3f}",
+                     f"{m.get('macro_recall', float('nan')):.3f}", f"{m.get('mean_per_class_accuracy', float('nan')):.3f}",
+                     f"{head.metadata['fit_seconds']:.1f}"])
+    print(format_table(rows))
+    classes = sets["train"].classes
+    for kind, s in summaries.items():
+        cm = (s.get("test_metrics") or {}).get("confusion_matrix")
+        if cm:
+            print(f"\nconfusion matrix, {kind} (rows: true, columns: predicted)")
+            print(format_table([["", *[c[:8] for c in classes]], *[[c[:12], *map(str, r)] for c, r in zip(classes, cm)]]))
+    metrics_path = out_dir / f"{ds_name}-{attrs['backbone'].replace(':', '_')}-{attrs['layer']}-metrics.json"
+    metrics_path.write_text(json.dumps(summaries, indent=2))
+    print(f"\nheads and metrics written to {out_dir}/ ({metrics_path.name})")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from featx.errors import UsageError
+    from featx.prediction import predict
+
+    if not args.inputs and not args.cache:
+        raise UsageError("give images, folders or a CSV to predict, or --cache")
+    cache = None
+    if args.cache:
+        from featx.cache import resolve_cache_path
+
+        cache = resolve_cache_path(args.cache, args.cache_dir)
+    preds = predict(args.head, args.inputs, cache=cache, device=args.device, batch_size=args.batch_size,
+                    num_workers=args.num_workers, progress=_progress(args))
+    for path, reason in preds.failures[:5]:
+        _err(f"  skipped {path}: {reason}")
+    text = preds.write(args.output)
+    if text is not None:
+        sys.stdout.write(text)
+    else:
+        _err(f"{len(preds.paths)} predictions written to {args.output}")
+    if preds.failures:
+        _err(f"{len(preds.failures)} image(s) could not be decoded and have no prediction")
+    return 0
+
+
+def cmd_backbones(args: argparse.Namespace) -> int:
+    from featx.backbones import list_backbones
+
+    rows = list_backbones()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = [["name", "source", "imagenet weights offline", "note"]]
+    table += [[r["name"], r["source"], "yes" if r["offline"] else "no", r["note"]] for r in rows]
+    print(format_table(table))
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from featx.data import SplitPlan, load_dataset
+    from featx.finetuning import FinetuneConfig, finetune
+
+    ds = load_dataset(args.dataset)
+    augment = () if args.augment.strip().lower() == "none" else tuple(a.strip() for a in args.augment.split(",") if a.strip())
+    config = FinetuneConfig(
+        strategy=args.strategy, trainable_blocks=args.trainable_blocks, epochs=args.epochs,
+        batch_size=args.batch_size or 32, optimizer=args.optimizer, lr=args.lr, backbone_lr_scale=args.backbone_lr_scale,
+        momentum=args.momentum, weight_decay=args.weight_decay, dropout=args.dropout,
+        label_smoothing=args.label_smoothing, warmup_epochs=args.warmup_epochs, augment=augment,
+        early_stopping_patience=args.patience, precision=args.precision, device=args.device,
+        num_workers=args.num_workers, seed=args.seed,
+    )
+    out_dir = Path(args.out_dir or f"runs/finetune/{ds.name}-{args.backbone.replace(':', '_')}-{args.strategy}")
+    if args.layer != "pooled":
+        from featx.errors import UsageError
+
+        raise UsageError("finetune trains on pooled features; --layer applies to extract and fit-head only")
+    result = finetune(ds, backbone=args.backbone, weights=args.weights, image_size=args.image_size, config=config,
+                      split_plan=SplitPlan(args.val_fraction, args.test_fraction, args.seed), out_dir=out_dir,
+                      resume=args.resume, progress=_progress(args))
+    m = result["metrics"]
+    print(format_table([
+        ["strategy", "test acc", "macro-F1", "macro recall", "epochs", "wall s", "img/s", "peak MB", "trainable"],
+        [result["strategy"], f"{m['accuracy']:.3f}", f"{m['macro_f1']:.3f}", f"{m['macro_recall']:.3f}",
+         str(result["epochs_run"]), f"{result['wall_seconds']:.0f}", f"{result['train_images_per_s']:.1f}",
+         f"{result['peak_memory_mb']:.0f} ({result['memory_kind']})", f"{result['trainable_params']:,}"],
+    ]))
+    print(f"result and checkpoint in {out_dir}/")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from featx.bench import load_bench_config, run_bench
+
+    config = load_bench_config(args.config, quick=args.quick, datasets=args.dataset, backbones=args.backbone,
+                               device=args.device)
+    out_dir = Path(args.out_dir or ("runs/bench-quick" if args.quick else "runs/bench"))
+    outcome = run_bench(config, out_dir=out_dir, cache_dir=args.cache_dir, progress=not args.quiet,
+                        command="featx " + " ".join(sys.argv[1:]))
+    print(f"report: {outcome['report']}")
+    if outcome["failed"]:
+        from featx.errors import BenchError
+
+        raise BenchError(f"{outcome['failed']} bench cell(s) failed; see {outcome['report']}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def format_table(rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return int(args.func(args) or 0)
+    except FeatxError as exc:
+        _err(f"featx: error: {exc}")
+        if args.verbose:
+            traceback.print_exc()
+        return exc.exit_code
+    except KeyboardInterrupt:
+        _err("featx: interrupted")
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as exc:
+        _err(f"featx: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+             + ("" if args.verbose else " (run with --verbose for the traceback)"))
+        if args.verbose:
+            traceback.print_exc()
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,275 @@
+"""Feature extraction: run a frozen backbone over image files in batches, into HDF5 caches or arrays.
+
+The hot loop decodes in DataLoader worker processes (pinned memory on CUDA), runs the model in
+``eval()`` + ``inference_mode`` with channels_last and optional autocast, and hands each batch to a
+writer addressed by dataset position, so the write path stays chunked (and, later, resumable and
+shardable by index).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featx import runtime
+from featx.backbones import (
+    DEFAULT_BACKBONE,
+    POOLED,
+    Backbone,
+    Preprocessing,
+    build_backbone,
+    library_versions,
+    weights_id,
+)
+from featx.cache import CacheSpec, CacheWriter, base_attrs, cache_filename, find_cache, resolve_cache_dir
+from featx.data import ImageDataset, ImageFiles, Split, load_dataset
+from featx.errors import DataError, UsageError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Batch:
+    positions: np.ndarray  # positions in the iterated list
+    features: np.ndarray  # float32 (B, D); rows of failed images are undefined
+    labels: np.ndarray
+    errors: list[str]  # "" for images that decoded
+
+
+def default_batch_size(device: Any) -> int:
+    # On small CPUs large batches are slower per image (cache effects; ../shared/notes/cpu-reference.md).
+    return 128 if device.type == "cuda" else 16
+
+
+def iter_features(
+    model: Any,
+    preprocessing: Preprocessing,
+    root: str | Path,
+    paths: Sequence[str],
+    labels: Sequence[int] | np.ndarray | None = None,
+    *,
+    device: Any,
+    batch_size: int,
+    num_workers: int,
+    precision: str = "fp32",
+    channels_last: bool = True,
+    progress: bool = True,
+    desc: str = "extract",
+) -> Iterator[Batch]:
+    """Yield features for ``paths`` batch by batch, in order. ``model`` maps images to (N, D)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    size = preprocessing.input_size
+    files = ImageFiles(root, paths, labels, preprocessing.build_transform(), failed_shape=(3, size, size))
+    loader = DataLoader(
+        files,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+    model = model.to(device).eval()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    if channels_last:
+        model = model.to(memory_format=memory_format)
+    bar = runtime.progress_bar(None, total=len(files), desc=desc, enabled=progress)
+    try:
+        with torch.inference_mode():
+            for images, labs, pos, errors in loader:
+                x = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+                with runtime.autocast(device, precision):
+                    feats = model(x)
+                yield Batch(pos.numpy(), feats.float().cpu().numpy(), labs.numpy(), list(errors))
+                bar.update(len(pos))
+    finally:
+        bar.close()
+
+
+def compute_features(
+    backbone: Backbone,
+    root: str | Path,
+    paths: Sequence[str],
+    *,
+    layer: str = POOLED,
+    device: str | Any = "auto",
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+    precision: str = "fp32",
+    progress: bool = False,
+) -> tuple[np.ndarray, list[str]]:
+    """Features of images in memory (no cache): ``(features (N, D) float32, errors)``.
+
+    ``errors[i]`` is "" when image i decoded, else the reason (its feature row is zeros).
+    """
+    dev = device if not isinstance(device, str) else runtime.resolve_device(device)
+    runtime.check_precision(precision, dev)
+    workers = runtime.default_num_workers() if num_workers is None else num_workers
+    runtime.configure_threads(workers, dev)
+    out: np.ndarray | None = None
+    errors: list[str] = [""] * len(paths)
+    for b in iter_features(backbone.feature_model(layer), backbone.preprocessing, root, paths, device=dev,
+                           batch_size=batch_size or default_batch_size(dev), num_workers=workers,
+                           precision=precision, progress=progress, desc="features"):
+        if out is None:
+            out = np.zeros((len(paths), b.features.shape[1]), dtype=np.float32)
+        ok = np.array([not e for e in b.errors])
+        out[b.positions[ok]] = b.features[ok]
+        for p, e in zip(b.positions, b.errors):
+            errors[int(p)] = e
+    assert out is not None
+    return out, errors
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    split: str
+    path: Path
+    key: str
+    hit: bool
+    n_images: int
+    n_failed: int
+    seconds: float
+    images_per_s: float
+    failures: tuple[tuple[str, str], ...] = ()
+
+    def summary(self) -> str:
+        if self.hit:
+            return f"{self.split}: cache hit {self.path.name} ({self.n_images} images, no model run)"
+        return (f"{self.split}: {self.n_images} images, {self.n_failed} skipped, {self.seconds:.1f} s "
+                f"({self.images_per_s:.1f} img/s) -> {self.path.name}")
+
+
+def cache_spec(split: Split, *, backbone: str, weights: str, layer: str, image_size: int | None, precision: str) -> CacheSpec:
+    """The key ingredients of one split's cache, computed without building the model."""
+    return CacheSpec(
+        dataset_fingerprint=split.fingerprint(),
+        split=split.name,
+        backbone=backbone,
+        weights_id=weights_id(backbone, weights),
+        layer=layer,
+        image_size=image_size,
+        precision=precision,
+        libraries=library_versions(),
+    )
+
+
+def extract(
+    dataset: str | Path | ImageDataset,
+    *,
+    splits: Sequence[str] | None = None,
+    backbone: str = DEFAULT_BACKBONE,
+    weights: str = "imagenet",
+    layer: str = POOLED,
+    image_size: int | None = None,
+    precision: str = "fp32",
+    device: str = "auto",
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+    channels_last: bool = True,
+    cache_dir: str | Path | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> list[ExtractResult]:
+    """Extract features for each split of ``dataset`` into the cache folder; existing caches are hits.
+
+    The model is built only when some split misses. Returns one result per split.
+    """
+    from filelock import FileLock
+
+    ds = dataset if isinstance(dataset, ImageDataset) else load_dataset(dataset)
+    names = list(splits) if splits else list(ds.splits)
+    for n in names:
+        ds.split(n)  # raises a clear error for a split the dataset does not have
+    if image_size is not None and image_size < 16:
+        raise UsageError(f"--image-size must be at least 16, got {image_size}")
+    cdir = resolve_cache_dir(cache_dir)
+    results: list[ExtractResult] = []
+    bb: Backbone | None = None
+    for name in names:
+        split = ds.split(name)
+        spec = cache_spec(split, backbone=backbone, weights=weights, layer=layer, image_size=image_size, precision=precision)
+        key = spec.key()
+        final = cdir / cache_filename(ds.name, spec)
+        cdir.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(final) + ".lock"):  # a second run for the same key waits, then sees a hit
+            hit = find_cache(cdir, key)
+            if hit is not None and force:
+                hit.unlink()
+                hit = None
+            if hit is not None:
+                from featx.cache import read_cache_attrs
+
+                a = read_cache_attrs(hit)
+                results.append(ExtractResult(name, hit, key, True, int(a["n_images"]), int(a["n_failed"]), 0.0, 0.0))
+                continue
+            if bb is None:
+                bb = build_backbone(backbone, weights, image_size=image_size)
+                if layer != POOLED and layer not in dict(bb.model.named_modules()):
+                    raise UsageError(f"backbone {bb.name} has no layer '{layer}' (try: {', '.join(bb.layers)})")
+            results.append(_extract_split(ds, split, spec, final, bb, layer=layer, precision=precision, device=device,
+                                          batch_size=batch_size, num_workers=num_workers,
+                                          channels_last=channels_last, progress=progress))
+    return results
+
+
+def _extract_split(
+    ds: ImageDataset, split: Split, spec: CacheSpec, final: Path, bb: Backbone, *, layer: str, precision: str,
+    device: str, batch_size: int | None, num_workers: int | None, channels_last: bool, progress: bool,
+) -> ExtractResult:
+    dev = runtime.resolve_device(device)
+    runtime.check_precision(precision, dev)
+    workers = runtime.default_num_workers() if num_workers is None else num_workers
+    runtime.configure_threads(workers, dev)
+    bs = batch_size or default_batch_size(dev)
+    model = bb.feature_model(layer)
+    attrs = {
+        **base_attrs(),
+        "key": spec.key(),
+        "spec": spec.to_json(),
+        "dataset_name": ds.name,
+        "dataset_root": str(ds.root),
+        "dataset_fingerprint": spec.dataset_fingerprint,
+        "split": split.name,
+        "backbone": bb.name,
+        "weights": bb.weights,
+        "weights_id": bb.weights_id,
+        "weights_sha256": bb.weights_sha256,
+        "layer": layer,
+        "preprocessing": bb.preprocessing.to_dict(),
+        "precision": precision,
+        "libraries": spec.libraries,
+        "device": str(dev),
+        "batch_size": bs,
+    }
+    t0 = time.perf_counter()
+    with CacheWriter(final, n_rows=len(split), attrs=attrs) as writer:
+        dim = 0
+        for b in iter_features(model, bb.preprocessing, split.root, split.paths, split.labels, device=dev,
+                               batch_size=bs, num_workers=workers, precision=precision,
+                               channels_last=channels_last, progress=progress, desc=f"extract {split.name}"):
+            feats = b.features.astype(np.float16 if precision == "fp16" else np.float32)
+            writer.write(b.positions, feats, b.errors)
+            dim = feats.shape[1]
+        n_failed = len(writer.failures)
+        if n_failed == len(split):
+            first = writer.failures[0][1] if writer.failures else "?"
+            raise DataError(f"none of the {len(split)} images in split '{split.name}' could be decoded (first: {first})")
+        seconds = time.perf_counter() - t0
+        failures = tuple((split.paths[i], r) for i, r in writer.failures)
+        path = writer.finish(
+            labels=split.labels, paths=list(split.paths), indices=np.arange(len(split)), classes=list(split.classes),
+            attrs={"extraction_seconds": seconds, "n_images": len(split), "feature_dim": dim,
+                   "images_per_s": len(split) / seconds},
+        )
+    for p, r in failures[:5]:
+        log.warning("skipped %s: %s", p, r)
+    return ExtractResult(split.name, path, spec.key(), False, len(split), n_failed, seconds, len(split) / seconds, failures)

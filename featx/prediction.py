@@ -1,0 +1,118 @@
+"""Prediction: rebuild exactly the backbone, layer and preprocessing a head was trained on, then
+label new images (or the rows of a cache) with class probabilities."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from featx.backbones import Backbone, build_backbone, weights_id
+from featx.cache import FeatureSet, load_cache
+from featx.data import list_images
+from featx.errors import DataError, MismatchError
+from featx.heads import FittedHead, load_head
+
+
+@dataclass
+class Predictions:
+    paths: list[str]
+    labels: list[str]
+    probabilities: np.ndarray  # (N, C)
+    classes: list[str]
+    failures: list[tuple[str, str]]  # images that could not be decoded (no prediction)
+
+    def to_rows(self) -> list[dict[str, Any]]:
+        return [
+            {"path": p, "label": lab, **{f"p_{c}": float(v) for c, v in zip(self.classes, probs)}}
+            for p, lab, probs in zip(self.paths, self.labels, self.probabilities)
+        ]
+
+    def write(self, output: str | os.PathLike[str] | None) -> str | None:
+        """CSV or JSON by extension; ``-`` or None returns the CSV text instead (for stdout)."""
+        rows = self.to_rows()
+        if output is not None and str(output) != "-" and str(output).endswith(".json"):
+            Path(output).write_text(json.dumps({"classes": self.classes, "predictions": rows,
+                                                "failures": [{"path": p, "reason": r} for p, r in self.failures]}, indent=2))
+            return None
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=["path", "label", *[f"p_{c}" for c in self.classes]])
+        writer.writeheader()
+        writer.writerows(rows)
+        if output is None or str(output) == "-":
+            return buf.getvalue()
+        Path(output).write_text(buf.getvalue())
+        return None
+
+
+def backbone_for_head(head: FittedHead) -> Backbone:
+    """Rebuild the head's backbone; refuse if the weights or preprocessing are no longer the same."""
+    emb = head.metadata["embedder"]
+    weights = head.metadata.get("weights") or "imagenet"
+    try:
+        wid = weights_id(emb["backbone"], weights)
+    except Exception as exc:
+        raise MismatchError(f"cannot rebuild the head's backbone {emb['backbone']} ({weights}): {exc}") from None
+    if wid != emb["weights_id"]:
+        raise MismatchError(f"the head was trained on weights {emb['weights_id'][:23]}, but {weights} is now {wid[:23]}")
+    bb = build_backbone(emb["backbone"], weights, image_size=head.metadata.get("image_size"))
+    if bb.preprocessing.to_dict() != _normalised(emb["preprocessing"]):
+        raise MismatchError(f"preprocessing of {emb['backbone']} changed since the head was trained "
+                            f"({emb['preprocessing']} vs {bb.preprocessing.to_dict()})")
+    return bb
+
+
+def _normalised(prep: dict[str, Any]) -> dict[str, Any]:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in prep.items()}
+
+
+def check_cache_matches_head(head: FittedHead, fs: FeatureSet) -> None:
+    want, got = head.metadata["embedder"], fs.embedder
+    diff = [k for k in want if (_normalised(want[k]) if isinstance(want[k], dict) else want[k]) !=
+            (_normalised(got[k]) if isinstance(got[k], dict) else got[k])]
+    if diff:
+        raise MismatchError(f"cache {fs.path.name} does not match the head: different {', '.join(diff)}")
+    if list(fs.classes) != list(head.classes) and (fs.labels >= 0).any():
+        raise MismatchError(f"cache {fs.path.name} has other classes than the head")
+
+
+def predict(
+    head: str | os.PathLike[str] | FittedHead,
+    inputs: Sequence[str | os.PathLike[str]] = (),
+    *,
+    cache: str | os.PathLike[str] | None = None,
+    device: str = "auto",
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+    progress: bool = False,
+) -> Predictions:
+    """Label images (files, folders, CSV with a ``path`` column) or the rows of a cache file."""
+    from featx.extraction import compute_features
+
+    h = head if isinstance(head, FittedHead) else load_head(head)
+    failures: list[tuple[str, str]] = []
+    if cache is not None:
+        fs = load_cache(cache)
+        check_cache_matches_head(h, fs)
+        feats, paths = fs.features, fs.paths
+    else:
+        root, rel, _ignored = list_images(inputs)
+        bb = backbone_for_head(h)
+        emb = h.metadata["embedder"]
+        feats, errors = compute_features(bb, root, rel, layer=emb["layer"], device=device, batch_size=batch_size,
+                                         num_workers=num_workers, precision=emb["precision"], progress=progress)
+        ok = np.array([not e for e in errors])
+        failures = [(str(root / p), e) for p, e in zip(rel, errors) if e]
+        if not ok.any():
+            raise DataError(f"none of the {len(rel)} images could be decoded (first: {failures[0][1]})")
+        feats, paths = feats[ok], [str(root / p) for p, good in zip(rel, ok) if good]
+    probs = h.predict_proba(feats)
+    pred = h.estimator.predict(feats)
+    return Predictions(paths, [h.classes[int(i)] for i in pred], probs, list(h.classes), failures)

@@ -1,0 +1,119 @@
+"""Device, precision, threads and resource measurement shared by extraction and fine-tuning."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from featx.errors import UsageError
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+
+def resolve_device(device: str = "auto") -> Any:
+    """``auto`` picks CUDA when present; asking for CUDA without one is a usage error."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA device is available (use --device cpu or auto)")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise UsageError(f"--device must be auto, cpu or cuda[:N], got '{device}'")
+    return torch.device(device)
+
+
+def check_precision(precision: str, device: Any) -> None:
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
+    if precision == "fp16" and device.type != "cuda":
+        raise UsageError("--precision fp16 needs a CUDA device (use fp32 or bf16 on the CPU)")
+
+
+def autocast(device: Any, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """Mixed precision for the forward pass (fp16/bf16); a no-op for fp32."""
+    import torch
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def default_num_workers() -> int:
+    """Decode workers: leave the cores to the model on small machines (oversubscription collapses
+    throughput on 2 cores), use up to 8 on larger ones."""
+    cores = os.cpu_count() or 1
+    return 1 if cores <= 2 else min(8, cores - 1)
+
+
+def configure_threads(num_workers: int, device: Any) -> None:
+    """On the CPU, give torch the cores the decode workers do not use."""
+    import torch
+
+    if device.type == "cpu":
+        cores = os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores - (num_workers if cores > 2 else 0)))
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process, MiB (DataLoader workers are separate processes)."""
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+class ResourceMeter:
+    """Wall time and peak memory of a block: CUDA peak allocation on GPU, process peak RSS otherwise.
+
+    RSS peaks are process-lifetime maxima (the kernel keeps no resettable counter), so the figure
+    reported for a block includes anything that ran earlier in the same process; the bench runs
+    each cell in its own subprocess to keep them separate.
+    """
+
+    def __init__(self, device: Any) -> None:
+        self.device = device
+        self.seconds = 0.0
+        self.peak_memory_mb = 0.0
+        self.memory_kind = "cuda" if device.type == "cuda" else "rss"
+
+    def __enter__(self) -> ResourceMeter:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            torch.cuda.synchronize(self.device)
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_memory_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            self.peak_memory_mb = peak_rss_mb()
+        self.seconds = time.perf_counter() - self._t0
+
+
+@contextlib.contextmanager
+def timer() -> Iterator[dict[str, float]]:
+    out: dict[str, float] = {}
+    t0 = time.perf_counter()
+    try:
+        yield out
+    finally:
+        out["seconds"] = time.perf_counter() - t0
+
+
+def progress_bar(iterable: Any, *, total: int | None, desc: str, unit: str = "img", enabled: bool = True) -> Any:
+    """tqdm on stderr (images/s in the postfix via ``unit``); silent when disabled."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr,
+                dynamic_ncols=True, leave=False)
