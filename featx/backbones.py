@@ -47,9 +47,7 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocessing:
-        return cls(
-            int(d["input_size"]), int(d["resize_size"]), str(d["interpolation"]), tuple(d["mean"]), tuple(d["std"])
-        )
+        return cls(int(d["input_size"]), int(d["resize_size"]), str(d["interpolation"]), tuple(d["mean"]), tuple(d["std"]))
 
     def with_input_size(self, size: int | None) -> Preprocessing:
         """Same recipe at another resolution (same crop fraction)."""
@@ -113,9 +111,15 @@ _TORCHVISION_LAYERS = {
 _TORCHVISION_BLOCKS = {
     "resnet18": [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]],
     "mobilenet_v2": [[f"features.{i}."] for i in range(19)],
-    "vgg16": [["features.0.", "features.2."], ["features.5.", "features.7."], ["features.10.", "features.12.", "features.14."],
-              ["features.17.", "features.19.", "features.21."], ["features.24.", "features.26.", "features.28."],
-              ["classifier.0."], ["classifier.3."]],
+    "vgg16": [
+        ["features.0.", "features.2."],
+        ["features.5.", "features.7."],
+        ["features.10.", "features.12.", "features.14."],
+        ["features.17.", "features.19.", "features.21."],
+        ["features.24.", "features.26.", "features.28."],
+        ["classifier.0."],
+        ["classifier.3."],
+    ],
 }
 
 
@@ -138,9 +142,7 @@ def canonical_name(name: str) -> str:
         return name
     close = difflib.get_close_matches(name, list(_REGISTRY), n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    raise UnknownBackboneError(
-        f"unknown backbone '{name}'{hint} (known: {', '.join(_REGISTRY)}, or timm:<model name>)"
-    )
+    raise UnknownBackboneError(f"unknown backbone '{name}'{hint} (known: {', '.join(_REGISTRY)}, or timm:<model name>)")
 
 
 def _packaged_weights_file(module: str) -> Path | None:
@@ -213,8 +215,15 @@ def list_backbones() -> list[dict[str, Any]]:
             f = _torchvision_hub_file(e.weights_ref)
             where, present = str(f), f.is_file()
         rows.append({"name": name, "source": e.source, "imagenet_weights": where, "offline": present, "note": e.note})
-    rows.append({"name": "timm:<model>", "source": "timm", "imagenet_weights": "Hugging Face hub (needs internet)",
-                 "offline": False, "note": "any timm model, e.g. timm:resnet50.a1_in1k"})
+    rows.append(
+        {
+            "name": "timm:<model>",
+            "source": "timm",
+            "imagenet_weights": "Hugging Face hub (needs internet)",
+            "offline": False,
+            "note": "any timm model, e.g. timm:resnet50.a1_in1k",
+        }
+    )
     return rows
 
 
@@ -249,6 +258,16 @@ class Backbone:
         if layer not in modules:
             raise UsageError(f"backbone {self.name} has no layer '{layer}' (try: {', '.join(self.layers)})")
         return _tap_model_class()(self.model, modules[layer])
+
+    def multi_layer_model(self, layers: list[str]) -> tuple[Any, list[int]]:
+        """One module whose output concatenates the pooled features of several layers (one forward
+        pass for a layer-wise probe), and the width of each part."""
+        modules = dict(self.model.named_modules())
+        missing = [name for name in layers if name != POOLED and name not in modules]
+        if missing:
+            raise UsageError(f"backbone {self.name} has no layer(s) {', '.join(missing)} (try: {', '.join(self.layers)})")
+        model = _multi_tap_model_class()(self.model, [(name, modules.get(name)) for name in layers])
+        return model, [self.layer_dim(name) for name in layers]
 
     def layer_dim(self, layer: str) -> int:
         import torch
@@ -308,7 +327,42 @@ def _make_tap_model() -> type:
     return TapModel
 
 
-_tap_model_class = functools.cache(_make_tap_model)  # defined on first use: keeps torch out of import time
+_tap_model_class = functools.cache(_make_tap_model)
+
+
+def _make_multi_tap_model() -> type:
+    import torch
+    import torch.nn as nn
+
+    def pool(out: torch.Tensor) -> torch.Tensor:
+        return out.mean(dim=(2, 3)) if out.dim() == 4 else out.flatten(1)
+
+    class MultiTapModel(nn.Module):
+        """Runs the whole network once and concatenates the pooled outputs of several layers."""
+
+        def __init__(self, model: nn.Module, taps: list[tuple[str, nn.Module | None]]) -> None:
+            super().__init__()
+            self.model = model
+            self._taps = taps  # (name, module or None for the pooled output); modules already registered
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            outs: dict[str, torch.Tensor] = {}
+            handles = [
+                m.register_forward_hook(lambda _m, _i, o, n=n: outs.__setitem__(n, pool(o)))
+                for n, m in self._taps
+                if m is not None
+            ]
+            try:
+                final = self.model(x)
+            finally:
+                for h in handles:
+                    h.remove()
+            return torch.cat([final if m is None else outs[n] for n, m in self._taps], dim=1)
+
+    return MultiTapModel
+
+
+_multi_tap_model_class = functools.cache(_make_multi_tap_model)  # defined on first use: keeps torch out of import time
 
 
 def _load_state_dict_file(path: Path) -> dict[str, Any]:
@@ -475,9 +529,7 @@ def _build_torchvision(name: str, weights: str) -> tuple[Any, str, Preprocessing
             _load_user_weights(model, Path(weights).expanduser(), prefixes)
             sha = file_sha256(Path(weights).expanduser())
     t = enum.transforms()
-    prep = Preprocessing(
-        int(t.crop_size[0]), int(t.resize_size[0]), t.interpolation.value, tuple(t.mean), tuple(t.std)
-    )
+    prep = Preprocessing(int(t.crop_size[0]), int(t.resize_size[0]), t.interpolation.value, tuple(t.mean), tuple(t.std))
     if name == "resnet18":
         dim = model.fc.in_features
         model.fc = nn.Identity()

@@ -138,7 +138,9 @@ class CacheWriter:
                 self._features[p] = row
         self._valid[positions] = ok
 
-    def finish(self, *, labels: np.ndarray, paths: list[str], indices: np.ndarray, classes: list[str], attrs: dict[str, Any]) -> Path:
+    def finish(
+        self, *, labels: np.ndarray, paths: list[str], indices: np.ndarray, classes: list[str], attrs: dict[str, Any]
+    ) -> Path:
         """Write the per-row tables and attributes, mark complete, flush and rename into place."""
         import h5py
 
@@ -194,8 +196,16 @@ class FeatureSet:
 
     def subset(self, rows: np.ndarray) -> FeatureSet:
         rows = np.asarray(rows, dtype=np.int64)
-        return FeatureSet(self.features[rows], self.labels[rows], [self.paths[i] for i in rows],
-                          self.indices[rows], self.classes, self.attrs, self.path, self.split_labels)
+        return FeatureSet(
+            self.features[rows],
+            self.labels[rows],
+            [self.paths[i] for i in rows],
+            self.indices[rows],
+            self.classes,
+            self.attrs,
+            self.path,
+            self.split_labels,
+        )
 
 
 def embedder_signature(attrs: dict[str, Any]) -> dict[str, Any]:
@@ -260,8 +270,16 @@ def load_cache(path: str | os.PathLike[str]) -> FeatureSet:
     if features.shape[0] != len(labels):
         raise CacheError(f"cache {path} is damaged: {features.shape[0]} feature rows but {len(labels)} labels")
     rows = np.flatnonzero(valid)
-    return FeatureSet(features[rows], labels[rows], [str(paths[i]) for i in rows], indices[rows], classes, attrs,
-                      Path(path), split_labels=labels)
+    return FeatureSet(
+        features[rows],
+        labels[rows],
+        [str(paths[i]) for i in rows],
+        indices[rows],
+        classes,
+        attrs,
+        Path(path),
+        split_labels=labels,
+    )
 
 
 def list_caches(cache_dir: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
@@ -273,9 +291,14 @@ def list_caches(cache_dir: str | os.PathLike[str] | None = None) -> list[dict[st
         try:
             a = read_cache_attrs(p)
             row.update(
-                key=a["key"], dataset=a.get("dataset_name"), split=a.get("split"), backbone=a.get("backbone"),
-                layer=a.get("layer"), shape=[int(a.get("n_images", 0)), int(a.get("feature_dim", 0))],
-                created=a.get("created_at"), status="complete",
+                key=a["key"],
+                dataset=a.get("dataset_name"),
+                split=a.get("split"),
+                backbone=a.get("backbone"),
+                layer=a.get("layer"),
+                shape=[int(a.get("n_images", 0)), int(a.get("feature_dim", 0))],
+                created=a.get("created_at"),
+                status="complete",
             )
         except CacheError as exc:
             row.update(key=p.stem.rsplit("-", 1)[-1], status=f"unusable: {exc}")

@@ -29,8 +29,11 @@ EPILOG = "exit codes: 0 ok, 1 internal error, 2 usage or data error, 5 some benc
 
 def _add_backbone_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("backbone")
-    g.add_argument("--backbone", default="efficientnet_lite0",
-                   help="registry name (see `featx backbones`) or timm:<model> (default: %(default)s)")
+    g.add_argument(
+        "--backbone",
+        default="efficientnet_lite0",
+        help="registry name (see `featx backbones`) or timm:<model> (default: %(default)s)",
+    )
     g.add_argument("--weights", default="imagenet", help="imagenet | none | PATH to a state_dict (default: %(default)s)")
     g.add_argument("--layer", default="pooled", help="pooled penultimate features, or a block name (default: %(default)s)")
     g.add_argument("--image-size", type=int, default=None, help="input resolution (default: the weights' own)")
@@ -57,7 +60,8 @@ def _add_split_options(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="featx", description="Transfer learning on images: cached backbone features, cheap heads, fine-tuning baselines.",
+        prog="featx",
+        description="Transfer learning on images: cached backbone features, cheap heads, fine-tuning baselines.",
         epilog=EPILOG,
     )
     parser.add_argument("--version", action="version", version=f"featx {__version__}")
@@ -132,8 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dropout", type=float, default=0.2)
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--warmup-epochs", type=float, default=1.0)
-    p.add_argument("--augment", default="random_resized_crop,hflip,affine",
-                   help="comma-separated augmentations, or none (default: %(default)s)")
+    p.add_argument(
+        "--augment",
+        default="random_resized_crop,hflip,affine",
+        help="comma-separated augmentations, or none (default: %(default)s)",
+    )
     p.add_argument("--patience", type=int, default=3, help="early-stopping patience in epochs, 0 = off (default: 3)")
     p.add_argument("--out-dir", default=None, help="checkpoint and result folder (default: runs/finetune/<dataset>-<strategy>)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out-dir")
@@ -172,10 +179,20 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
     ds = load_dataset(args.dataset)
     results = extract(
-        ds, splits=args.splits.split(",") if args.splits else None, backbone=args.backbone, weights=args.weights,
-        layer=args.layer, image_size=args.image_size, precision=args.precision, device=args.device,
-        batch_size=args.batch_size, num_workers=args.num_workers, channels_last=not args.no_channels_last,
-        cache_dir=args.cache_dir, force=args.force, progress=_progress(args),
+        ds,
+        splits=args.splits.split(",") if args.splits else None,
+        backbone=args.backbone,
+        weights=args.weights,
+        layer=args.layer,
+        image_size=args.image_size,
+        precision=args.precision,
+        device=args.device,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        channels_last=not args.no_channels_last,
+        cache_dir=args.cache_dir,
+        force=args.force,
+        progress=_progress(args),
     )
     for r in results:
         for path, reason in r.failures[:5]:
@@ -205,8 +222,18 @@ def cmd_cache_ls(args: argparse.Namespace) -> int:
         if r["status"] != "complete":
             table.append([r["key"], r["file"], "-", "-", "-", "-", f"{r['size_mb']:.1f} MB", r["status"][:40]])
             continue
-        table.append([r["key"], r["dataset"], r["split"], r["backbone"], r["layer"], "x".join(map(str, r["shape"])),
-                      f"{r['size_mb']:.1f} MB", r["created"]])
+        table.append(
+            [
+                r["key"],
+                r["dataset"],
+                r["split"],
+                r["backbone"],
+                r["layer"],
+                "x".join(map(str, r["shape"])),
+                f"{r['size_mb']:.1f} MB",
+                r["created"],
+            ]
+        )
     print(format_table(table))
     return 0
 
@@ -251,18 +278,36 @@ def _resolve_head_caches(args: argparse.Namespace) -> tuple[dict[str, Any], str]
         raise UsageError("give a dataset, or --train CACHE [--val CACHE] [--test CACHE]")
     ds = load_dataset(args.dataset)
     if args.extract:
-        extract(ds, backbone=args.backbone, weights=args.weights, layer=args.layer, image_size=args.image_size,
-                precision=args.precision, device=args.device, batch_size=args.batch_size,
-                num_workers=args.num_workers, cache_dir=args.cache_dir, progress=_progress(args))
+        extract(
+            ds,
+            backbone=args.backbone,
+            weights=args.weights,
+            layer=args.layer,
+            image_size=args.image_size,
+            precision=args.precision,
+            device=args.device,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            cache_dir=args.cache_dir,
+            progress=_progress(args),
+        )
     cdir = resolve_cache_dir(args.cache_dir)
     sets = {}
     for name, split in ds.splits.items():
-        spec = cache_spec(split, backbone=args.backbone, weights=args.weights, layer=args.layer,
-                          image_size=args.image_size, precision=args.precision)
+        spec = cache_spec(
+            split,
+            backbone=args.backbone,
+            weights=args.weights,
+            layer=args.layer,
+            image_size=args.image_size,
+            precision=args.precision,
+        )
         path = find_cache(cdir, spec.key())
         if path is None:
-            raise CacheError(f"no cache for split '{name}' of {ds.root} with these options in {cdir}: "
-                             f"run `featx extract {args.dataset}` with the same options first (or add --extract)")
+            raise CacheError(
+                f"no cache for split '{name}' of {ds.root} with these options in {cdir}: "
+                f"run `featx extract {args.dataset}` with the same options first (or add --extract)"
+            )
         sets[name] = load_cache(path)
     return sets, ds.name
 
@@ -288,10 +333,18 @@ def cmd_fit_head(args: argparse.Namespace) -> int:
         path = save_head(head, out_dir / f"{stem}.skops")
         summaries[kind] = {"path": str(path), **head_summary(head)}
         m = head.test_metrics or {}
-        rows.append([kind, ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in head.best_params.items()),
-                     f"{head.val_accuracy:.3f}", f"{m.get('accuracy', float('nan')):.3f}", f"{m.get('macro_f1', float('nan')):.3f}",
-                     f"{m.get('macro_recall', float('nan')):.3f}", f"{m.get('mean_per_class_accuracy', float('nan')):.3f}",
-                     f"{head.metadata['fit_seconds']:.1f}"])
+        rows.append(
+            [
+                kind,
+                ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in head.best_params.items()),
+                f"{head.val_accuracy:.3f}",
+                f"{m.get('accuracy', float('nan')):.3f}",
+                f"{m.get('macro_f1', float('nan')):.3f}",
+                f"{m.get('macro_recall', float('nan')):.3f}",
+                f"{m.get('mean_per_class_accuracy', float('nan')):.3f}",
+                f"{head.metadata['fit_seconds']:.1f}",
+            ]
+        )
     print(format_table(rows))
     classes = sets["train"].classes
     for kind, s in summaries.items():
@@ -316,8 +369,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
         from featx.cache import resolve_cache_path
 
         cache = resolve_cache_path(args.cache, args.cache_dir)
-    preds = predict(args.head, args.inputs, cache=cache, device=args.device, batch_size=args.batch_size,
-                    num_workers=args.num_workers, progress=_progress(args))
+    preds = predict(
+        args.head,
+        args.inputs,
+        cache=cache,
+        device=args.device,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        progress=_progress(args),
+    )
     for path, reason in preds.failures[:5]:
         _err(f"  skipped {path}: {reason}")
     text = preds.write(args.output)
@@ -350,28 +410,60 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     ds = load_dataset(args.dataset)
     augment = () if args.augment.strip().lower() == "none" else tuple(a.strip() for a in args.augment.split(",") if a.strip())
     config = FinetuneConfig(
-        strategy=args.strategy, trainable_blocks=args.trainable_blocks, epochs=args.epochs,
-        batch_size=args.batch_size or 32, optimizer=args.optimizer, lr=args.lr, backbone_lr_scale=args.backbone_lr_scale,
-        momentum=args.momentum, weight_decay=args.weight_decay, dropout=args.dropout,
-        label_smoothing=args.label_smoothing, warmup_epochs=args.warmup_epochs, augment=augment,
-        early_stopping_patience=args.patience, precision=args.precision, device=args.device,
-        num_workers=args.num_workers, seed=args.seed,
+        strategy=args.strategy,
+        trainable_blocks=args.trainable_blocks,
+        epochs=args.epochs,
+        batch_size=args.batch_size or 32,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        backbone_lr_scale=args.backbone_lr_scale,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        dropout=args.dropout,
+        label_smoothing=args.label_smoothing,
+        warmup_epochs=args.warmup_epochs,
+        augment=augment,
+        early_stopping_patience=args.patience,
+        precision=args.precision,
+        device=args.device,
+        num_workers=args.num_workers,
+        seed=args.seed,
     )
     out_dir = Path(args.out_dir or f"runs/finetune/{ds.name}-{args.backbone.replace(':', '_')}-{args.strategy}")
     if args.layer != "pooled":
         from featx.errors import UsageError
 
         raise UsageError("finetune trains on pooled features; --layer applies to extract and fit-head only")
-    result = finetune(ds, backbone=args.backbone, weights=args.weights, image_size=args.image_size, config=config,
-                      split_plan=SplitPlan(args.val_fraction, args.test_fraction, args.seed), out_dir=out_dir,
-                      resume=args.resume, progress=_progress(args))
+    result = finetune(
+        ds,
+        backbone=args.backbone,
+        weights=args.weights,
+        image_size=args.image_size,
+        config=config,
+        split_plan=SplitPlan(args.val_fraction, args.test_fraction, args.seed),
+        out_dir=out_dir,
+        resume=args.resume,
+        progress=_progress(args),
+    )
     m = result["metrics"]
-    print(format_table([
-        ["strategy", "test acc", "macro-F1", "macro recall", "epochs", "wall s", "img/s", "peak MB", "trainable"],
-        [result["strategy"], f"{m['accuracy']:.3f}", f"{m['macro_f1']:.3f}", f"{m['macro_recall']:.3f}",
-         str(result["epochs_run"]), f"{result['wall_seconds']:.0f}", f"{result['train_images_per_s']:.1f}",
-         f"{result['peak_memory_mb']:.0f} ({result['memory_kind']})", f"{result['trainable_params']:,}"],
-    ]))
+    print(
+        format_table(
+            [
+                ["strategy", "test acc", "macro-F1", "macro recall", "epochs", "wall s", "img/s", "peak MB", "trainable"],
+                [
+                    result["strategy"],
+                    f"{m['accuracy']:.3f}",
+                    f"{m['macro_f1']:.3f}",
+                    f"{m['macro_recall']:.3f}",
+                    str(result["epochs_run"]),
+                    f"{result['wall_seconds']:.0f}",
+                    f"{result['train_images_per_s']:.1f}",
+                    f"{result['peak_memory_mb']:.0f} ({result['memory_kind']})",
+                    f"{result['trainable_params']:,}",
+                ],
+            ]
+        )
+    )
     print(f"result and checkpoint in {out_dir}/")
     return 0
 
@@ -379,11 +471,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from featx.bench import load_bench_config, run_bench
 
-    config = load_bench_config(args.config, quick=args.quick, datasets=args.dataset, backbones=args.backbone,
-                               device=args.device)
+    config = load_bench_config(args.config, quick=args.quick, datasets=args.dataset, backbones=args.backbone, device=args.device)
     out_dir = Path(args.out_dir or ("runs/bench-quick" if args.quick else "runs/bench"))
-    outcome = run_bench(config, out_dir=out_dir, cache_dir=args.cache_dir, progress=not args.quiet,
-                        command="featx " + " ".join(sys.argv[1:]))
+    outcome = run_bench(
+        config, out_dir=out_dir, cache_dir=args.cache_dir, progress=_progress(args), command="featx " + " ".join(sys.argv[1:])
+    )
     print(f"report: {outcome['report']}")
     if outcome["failed"]:
         from featx.errors import BenchError
@@ -420,8 +512,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return 0
     except Exception as exc:
-        _err(f"featx: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-             + ("" if args.verbose else " (run with --verbose for the traceback)"))
+        _err(
+            f"featx: internal error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            + ("" if args.verbose else " (run with --verbose for the traceback)")
+        )
         if args.verbose:
             traceback.print_exc()
         return 1

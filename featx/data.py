@@ -195,9 +195,7 @@ def _load_csv(csv_path: Path) -> ImageDataset:
         if unknown:
             raise DataError(f"{csv_path}: split '{name}' has labels not in train: {', '.join(unknown[:5])}")
         items = per_split[name]
-        splits[name] = Split(
-            name, root, tuple(p for p, _ in items), np.asarray([index[lab] for _, lab in items]), classes
-        )
+        splits[name] = Split(name, root, tuple(p for p, _ in items), np.asarray([index[lab] for _, lab in items]), classes)
     return ImageDataset(root, csv_path.stem, classes, splits, "csv", ignored)
 
 

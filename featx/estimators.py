@@ -70,9 +70,16 @@ class ImageFeatureExtractor(TransformerMixin, BaseEstimator):
             self.fit(X)
         paths = [str(p) for p in np.asarray(X, dtype=object).ravel()]
         # Path("") / "a.jpg" is relative to the working directory; an absolute path ignores the root.
-        feats, errors = compute_features(self.backbone_, Path(self.root or ""), paths, layer=self.layer, device=self.device,
-                                         batch_size=self.batch_size, num_workers=self.num_workers,
-                                         precision=self.precision)
+        feats, errors = compute_features(
+            self.backbone_,
+            Path(self.root or ""),
+            paths,
+            layer=self.layer,
+            device=self.device,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            precision=self.precision,
+        )
         bad = [(p, e) for p, e in zip(paths, errors) if e]
         if bad:
             raise DataError(f"{len(bad)} image(s) could not be decoded, e.g. {bad[0][0]}: {bad[0][1]}")

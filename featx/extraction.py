@@ -116,9 +116,18 @@ def compute_features(
     runtime.configure_threads(workers, dev)
     out: np.ndarray | None = None
     errors: list[str] = [""] * len(paths)
-    for b in iter_features(backbone.feature_model(layer), backbone.preprocessing, root, paths, device=dev,
-                           batch_size=batch_size or default_batch_size(dev), num_workers=workers,
-                           precision=precision, progress=progress, desc="features"):
+    for b in iter_features(
+        backbone.feature_model(layer),
+        backbone.preprocessing,
+        root,
+        paths,
+        device=dev,
+        batch_size=batch_size or default_batch_size(dev),
+        num_workers=workers,
+        precision=precision,
+        progress=progress,
+        desc="features",
+    ):
         if out is None:
             out = np.zeros((len(paths), b.features.shape[1]), dtype=np.float32)
         ok = np.array([not e for e in b.errors])
@@ -144,8 +153,10 @@ class ExtractResult:
     def summary(self) -> str:
         if self.hit:
             return f"{self.split}: cache hit {self.path.name} ({self.n_images} images, no model run)"
-        return (f"{self.split}: {self.n_images} images, {self.n_failed} skipped, {self.seconds:.1f} s "
-                f"({self.images_per_s:.1f} img/s) -> {self.path.name}")
+        return (
+            f"{self.split}: {self.n_images} images, {self.n_failed} skipped, {self.seconds:.1f} s "
+            f"({self.images_per_s:.1f} img/s) -> {self.path.name}"
+        )
 
 
 def cache_spec(split: Split, *, backbone: str, weights: str, layer: str, image_size: int | None, precision: str) -> CacheSpec:
@@ -215,15 +226,39 @@ def extract(
                 bb = build_backbone(backbone, weights, image_size=image_size)
                 if layer != POOLED and layer not in dict(bb.model.named_modules()):
                     raise UsageError(f"backbone {bb.name} has no layer '{layer}' (try: {', '.join(bb.layers)})")
-            results.append(_extract_split(ds, split, spec, final, bb, layer=layer, precision=precision, device=device,
-                                          batch_size=batch_size, num_workers=num_workers,
-                                          channels_last=channels_last, progress=progress))
+            results.append(
+                _extract_split(
+                    ds,
+                    split,
+                    spec,
+                    final,
+                    bb,
+                    layer=layer,
+                    precision=precision,
+                    device=device,
+                    batch_size=batch_size,
+                    num_workers=num_workers,
+                    channels_last=channels_last,
+                    progress=progress,
+                )
+            )
     return results
 
 
 def _extract_split(
-    ds: ImageDataset, split: Split, spec: CacheSpec, final: Path, bb: Backbone, *, layer: str, precision: str,
-    device: str, batch_size: int | None, num_workers: int | None, channels_last: bool, progress: bool,
+    ds: ImageDataset,
+    split: Split,
+    spec: CacheSpec,
+    final: Path,
+    bb: Backbone,
+    *,
+    layer: str,
+    precision: str,
+    device: str,
+    batch_size: int | None,
+    num_workers: int | None,
+    channels_last: bool,
+    progress: bool,
 ) -> ExtractResult:
     dev = runtime.resolve_device(device)
     runtime.check_precision(precision, dev)
@@ -253,9 +288,20 @@ def _extract_split(
     t0 = time.perf_counter()
     with CacheWriter(final, n_rows=len(split), attrs=attrs) as writer:
         dim = 0
-        for b in iter_features(model, bb.preprocessing, split.root, split.paths, split.labels, device=dev,
-                               batch_size=bs, num_workers=workers, precision=precision,
-                               channels_last=channels_last, progress=progress, desc=f"extract {split.name}"):
+        for b in iter_features(
+            model,
+            bb.preprocessing,
+            split.root,
+            split.paths,
+            split.labels,
+            device=dev,
+            batch_size=bs,
+            num_workers=workers,
+            precision=precision,
+            channels_last=channels_last,
+            progress=progress,
+            desc=f"extract {split.name}",
+        ):
             feats = b.features.astype(np.float16 if precision == "fp16" else np.float32)
             writer.write(b.positions, feats, b.errors)
             dim = feats.shape[1]
@@ -266,9 +312,16 @@ def _extract_split(
         seconds = time.perf_counter() - t0
         failures = tuple((split.paths[i], r) for i, r in writer.failures)
         path = writer.finish(
-            labels=split.labels, paths=list(split.paths), indices=np.arange(len(split)), classes=list(split.classes),
-            attrs={"extraction_seconds": seconds, "n_images": len(split), "feature_dim": dim,
-                   "images_per_s": len(split) / seconds},
+            labels=split.labels,
+            paths=list(split.paths),
+            indices=np.arange(len(split)),
+            classes=list(split.classes),
+            attrs={
+                "extraction_seconds": seconds,
+                "n_images": len(split),
+                "feature_dim": dim,
+                "images_per_s": len(split) / seconds,
+            },
         )
     for p, r in failures[:5]:
         log.warning("skipped %s: %s", p, r)

@@ -71,7 +71,9 @@ def predict_scores(estimator: Any, X: np.ndarray) -> np.ndarray:
     return softmax(estimator.decision_function(X))
 
 
-def _score_one(kind: str, params: dict[str, Any], Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarray) -> dict[str, Any]:
+def _score_one(
+    kind: str, params: dict[str, Any], Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarray
+) -> dict[str, Any]:
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning
@@ -83,8 +85,16 @@ def _score_one(kind: str, params: dict[str, Any], Xtr: np.ndarray, ytr: np.ndarr
     return {"params": params, "val_accuracy": float((est.predict(Xva) == yva).mean()), "seconds": time.perf_counter() - t0}
 
 
-def sweep(kind: str, Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarray, *, grid: list[dict[str, Any]] | None = None,
-          n_jobs: int | None = None) -> list[dict[str, Any]]:
+def sweep(
+    kind: str,
+    Xtr: np.ndarray,
+    ytr: np.ndarray,
+    Xva: np.ndarray,
+    yva: np.ndarray,
+    *,
+    grid: list[dict[str, Any]] | None = None,
+    n_jobs: int | None = None,
+) -> list[dict[str, Any]]:
     """Fit every grid point on train, score on val; returns the whole curve (in grid order)."""
     from joblib import Parallel, delayed, parallel_config
 
@@ -123,8 +133,9 @@ def check_same_embedder(sets: dict[str, FeatureSet]) -> None:
     for name, fs in items[1:]:
         if fs.embedder != ref.embedder:
             diff = [k for k in ref.embedder if ref.embedder[k] != fs.embedder[k]]
-            raise MismatchError(f"{name} cache differs from {ref_name} cache in {', '.join(diff)}: "
-                                f"{fs.path.name} vs {ref.path.name}")
+            raise MismatchError(
+                f"{name} cache differs from {ref_name} cache in {', '.join(diff)}: {fs.path.name} vs {ref.path.name}"
+            )
         if fs.classes != ref.classes:
             raise MismatchError(f"{name} cache has other classes than {ref_name} cache")
 
@@ -231,5 +242,13 @@ def load_head(path: str | os.PathLike[str]) -> FittedHead:
     if not isinstance(payload, dict) or "estimator" not in payload or "summary_json" not in payload:
         raise UsageError(f"{p} is not a featx head file")
     s = json.loads(payload["summary_json"])
-    return FittedHead(s["head"], payload["estimator"], s["classes"], s["best_params"], s["val_accuracy"],
-                      s.get("sweep", []), s.get("test_metrics"), {k: v for k, v in s.items() if k not in ("sweep", "test_metrics")})
+    return FittedHead(
+        s["head"],
+        payload["estimator"],
+        s["classes"],
+        s["best_params"],
+        s["val_accuracy"],
+        s.get("sweep", []),
+        s.get("test_metrics"),
+        {k: v for k, v in s.items() if k not in ("sweep", "test_metrics")},
+    )

@@ -39,8 +39,16 @@ class Predictions:
         """CSV or JSON by extension; ``-`` or None returns the CSV text instead (for stdout)."""
         rows = self.to_rows()
         if output is not None and str(output) != "-" and str(output).endswith(".json"):
-            Path(output).write_text(json.dumps({"classes": self.classes, "predictions": rows,
-                                                "failures": [{"path": p, "reason": r} for p, r in self.failures]}, indent=2))
+            Path(output).write_text(
+                json.dumps(
+                    {
+                        "classes": self.classes,
+                        "predictions": rows,
+                        "failures": [{"path": p, "reason": r} for p, r in self.failures],
+                    },
+                    indent=2,
+                )
+            )
             return None
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=["path", "label", *[f"p_{c}" for c in self.classes]])
@@ -64,8 +72,10 @@ def backbone_for_head(head: FittedHead) -> Backbone:
         raise MismatchError(f"the head was trained on weights {emb['weights_id'][:23]}, but {weights} is now {wid[:23]}")
     bb = build_backbone(emb["backbone"], weights, image_size=head.metadata.get("image_size"))
     if bb.preprocessing.to_dict() != _normalised(emb["preprocessing"]):
-        raise MismatchError(f"preprocessing of {emb['backbone']} changed since the head was trained "
-                            f"({emb['preprocessing']} vs {bb.preprocessing.to_dict()})")
+        raise MismatchError(
+            f"preprocessing of {emb['backbone']} changed since the head was trained "
+            f"({emb['preprocessing']} vs {bb.preprocessing.to_dict()})"
+        )
     return bb
 
 
@@ -75,8 +85,12 @@ def _normalised(prep: dict[str, Any]) -> dict[str, Any]:
 
 def check_cache_matches_head(head: FittedHead, fs: FeatureSet) -> None:
     want, got = head.metadata["embedder"], fs.embedder
-    diff = [k for k in want if (_normalised(want[k]) if isinstance(want[k], dict) else want[k]) !=
-            (_normalised(got[k]) if isinstance(got[k], dict) else got[k])]
+    diff = [
+        k
+        for k in want
+        if (_normalised(want[k]) if isinstance(want[k], dict) else want[k])
+        != (_normalised(got[k]) if isinstance(got[k], dict) else got[k])
+    ]
     if diff:
         raise MismatchError(f"cache {fs.path.name} does not match the head: different {', '.join(diff)}")
     if list(fs.classes) != list(head.classes) and (fs.labels >= 0).any():
@@ -106,8 +120,17 @@ def predict(
         root, rel, _ignored = list_images(inputs)
         bb = backbone_for_head(h)
         emb = h.metadata["embedder"]
-        feats, errors = compute_features(bb, root, rel, layer=emb["layer"], device=device, batch_size=batch_size,
-                                         num_workers=num_workers, precision=emb["precision"], progress=progress)
+        feats, errors = compute_features(
+            bb,
+            root,
+            rel,
+            layer=emb["layer"],
+            device=device,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            precision=emb["precision"],
+            progress=progress,
+        )
         ok = np.array([not e for e in errors])
         failures = [(str(root / p), e) for p, e in zip(rel, errors) if e]
         if not ok.any():

@@ -115,5 +115,6 @@ def progress_bar(iterable: Any, *, total: int | None, desc: str, unit: str = "im
     """tqdm on stderr (images/s in the postfix via ``unit``); silent when disabled."""
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr,
-                dynamic_ncols=True, leave=False)
+    return tqdm(
+        iterable, total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr, dynamic_ncols=True, leave=False
+    )
