@@ -132,7 +132,8 @@ def main() -> None:
             lo, hi = h["test_ci95"]
             md.append(
                 f"| {r['dataset']} | {k} | {h['n_train']} / {h['n_val']} / {h['n_test']} | {params} | {h['val_accuracy']:.3f} | "
-                f"{h['test_accuracy']:.3f} [{lo:.3f}, {hi:.3f}] | {h['macro_f1']:.3f} | {h['macro_recall']:.3f} | {h['fit_seconds']:.1f} |"
+                f"{h['test_accuracy']:.3f} [{lo:.3f}, {hi:.3f}] | {h['macro_f1']:.3f} "
+                f"| {h['macro_recall']:.3f} | {h['fit_seconds']:.1f} |"
             )
     md += [
         "",

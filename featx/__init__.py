@@ -25,6 +25,7 @@ _API = {
     "Preprocessing": "featx.backbones",
     "extract": "featx.extraction",
     "compute_features": "featx.extraction",
+    "find_caches": "featx.extraction",
     "load_cache": "featx.cache",
     "list_caches": "featx.cache",
     "FeatureSet": "featx.cache",

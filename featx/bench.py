@@ -286,22 +286,28 @@ def _head_params(estimator: Any) -> int | None:
     return None
 
 
-def cell_finetune(ctx: dict[str, Any]) -> dict[str, Any]:
+def _finetune(ctx: dict[str, Any], train_positions: Any) -> dict[str, Any]:
+    """One fine-tuning run of a cell; resumes from the run folder's checkpoint after an interruption."""
     from featx.finetuning import FinetuneConfig, finetune
 
     config = FinetuneConfig(**{**ctx["finetune"], "strategy": ctx["strategy"], "device": ctx["device"], "seed": ctx["seed"]})
-    result = finetune(
+    run_dir = Path(ctx["run_dir"])
+    return finetune(
         ctx["dataset"],
         backbone=ctx["backbone"],
         weights=ctx["weights"],
         image_size=ctx["image_size"],
         config=config,
         split_plan=SplitPlan(ctx["val_fraction"], ctx["test_fraction"], ctx["seed"]),
-        train_rows=ctx.get("train_positions"),
-        out_dir=Path(ctx["run_dir"]),
-        resume=Path(ctx["run_dir"], "checkpoint.pt").is_file(),
+        train_rows=train_positions,
+        out_dir=run_dir,
+        resume=(run_dir / "checkpoint.pt").is_file(),
         progress=ctx["progress"],
     )
+
+
+def cell_finetune(ctx: dict[str, Any]) -> dict[str, Any]:
+    result = _finetune(ctx, ctx.get("train_positions"))
     m = result["metrics"]
     return {
         "row": {
@@ -342,36 +348,13 @@ def cell_fewshot_heads(ctx: dict[str, Any]) -> dict[str, Any]:
 
 
 def cell_fewshot_finetune(ctx: dict[str, Any]) -> dict[str, Any]:
-    from featx.finetuning import FinetuneConfig, finetune
-
     ds = load_dataset(ctx["dataset"])
-    plan = SplitPlan(ctx["val_fraction"], ctx["test_fraction"], ctx["seed"])
-    source, rows = plan.resolve(ds)["train"]
+    source, rows = SplitPlan(ctx["val_fraction"], ctx["test_fraction"], ctx["seed"]).resolve(ds)["train"]
     labels = ds.split(source).labels[rows]
     positions = sample_per_class(labels, ctx["shots"], seed=1000 * ctx["draw"] + ctx["shots"])  # same draw as the heads
-    config = FinetuneConfig(**{**ctx["finetune"], "strategy": ctx["strategy"], "device": ctx["device"], "seed": ctx["seed"]})
-    result = finetune(
-        ds,
-        backbone=ctx["backbone"],
-        weights=ctx["weights"],
-        image_size=ctx["image_size"],
-        config=config,
-        split_plan=plan,
-        train_rows=positions,
-        out_dir=Path(ctx["run_dir"]),
-        progress=ctx["progress"],
-        resume=Path(ctx["run_dir"], "checkpoint.pt").is_file(),
-    )
-    return {
-        "points": [
-            {
-                "method": f"finetune:{ctx['strategy']}",
-                "shots": ctx["shots"],
-                "draw": ctx["draw"],
-                "accuracy": result["metrics"]["accuracy"],
-            }
-        ]
-    }
+    result = _finetune(ctx, positions)
+    point = {"method": f"finetune:{ctx['strategy']}", "shots": ctx["shots"], "draw": ctx["draw"]}
+    return {"points": [{**point, "accuracy": result["metrics"]["accuracy"]}]}
 
 
 def cell_layerwise(ctx: dict[str, Any]) -> dict[str, Any]:

@@ -261,55 +261,33 @@ def cmd_cache_rm(args: argparse.Namespace) -> int:
 
 def _resolve_head_caches(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     """Caches for fit-head: explicit --train/--val/--test, or looked up by key for a dataset."""
-    from featx.cache import find_cache, load_cache, resolve_cache_dir, resolve_cache_path
+    from featx.cache import load_cache, resolve_cache_path
     from featx.data import load_dataset
-    from featx.errors import CacheError, UsageError
-    from featx.extraction import cache_spec, extract
+    from featx.errors import UsageError
+    from featx.extraction import extract, find_caches
 
     if args.train_cache:
         if args.dataset:
             raise UsageError("give either a dataset or --train/--val/--test caches, not both")
-        sets = {"train": load_cache(resolve_cache_path(args.train_cache, args.cache_dir))}
-        for name, ref in (("val", args.val_cache), ("test", args.test_cache)):
-            if ref:
-                sets[name] = load_cache(resolve_cache_path(ref, args.cache_dir))
+        refs = {"train": args.train_cache, "val": args.val_cache, "test": args.test_cache}
+        sets = {name: load_cache(resolve_cache_path(ref, args.cache_dir)) for name, ref in refs.items() if ref}
         return sets, str(sets["train"].attrs.get("dataset_name", "dataset"))
     if not args.dataset:
         raise UsageError("give a dataset, or --train CACHE [--val CACHE] [--test CACHE]")
     ds = load_dataset(args.dataset)
+    options = {
+        "backbone": args.backbone,
+        "weights": args.weights,
+        "layer": args.layer,
+        "image_size": args.image_size,
+        "precision": args.precision,
+        "cache_dir": args.cache_dir,
+    }
     if args.extract:
         extract(
-            ds,
-            backbone=args.backbone,
-            weights=args.weights,
-            layer=args.layer,
-            image_size=args.image_size,
-            precision=args.precision,
-            device=args.device,
-            batch_size=args.batch_size,
-            num_workers=args.num_workers,
-            cache_dir=args.cache_dir,
-            progress=_progress(args),
+            ds, device=args.device, batch_size=args.batch_size, num_workers=args.num_workers, progress=_progress(args), **options
         )
-    cdir = resolve_cache_dir(args.cache_dir)
-    sets = {}
-    for name, split in ds.splits.items():
-        spec = cache_spec(
-            split,
-            backbone=args.backbone,
-            weights=args.weights,
-            layer=args.layer,
-            image_size=args.image_size,
-            precision=args.precision,
-        )
-        path = find_cache(cdir, spec.key())
-        if path is None:
-            raise CacheError(
-                f"no cache for split '{name}' of {ds.root} with these options in {cdir}: "
-                f"run `featx extract {args.dataset}` with the same options first (or add --extract)"
-            )
-        sets[name] = load_cache(path)
-    return sets, ds.name
+    return {name: load_cache(path) for name, path in find_caches(ds, **options).items()}, ds.name
 
 
 def cmd_fit_head(args: argparse.Namespace) -> int:

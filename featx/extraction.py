@@ -173,6 +173,36 @@ def cache_spec(split: Split, *, backbone: str, weights: str, layer: str, image_s
     )
 
 
+def find_caches(
+    dataset: str | Path | ImageDataset,
+    *,
+    backbone: str = DEFAULT_BACKBONE,
+    weights: str = "imagenet",
+    layer: str = POOLED,
+    image_size: int | None = None,
+    precision: str = "fp32",
+    cache_dir: str | Path | None = None,
+) -> dict[str, Path]:
+    """The existing cache of every split of ``dataset`` for these options, found by key (no model is
+    built). A split without a cache raises :class:`CacheError` saying which command makes it."""
+    from featx.cache import find_cache
+    from featx.errors import CacheError
+
+    ds = dataset if isinstance(dataset, ImageDataset) else load_dataset(dataset)
+    cdir = resolve_cache_dir(cache_dir)
+    found = {}
+    for name, split in ds.splits.items():
+        spec = cache_spec(split, backbone=backbone, weights=weights, layer=layer, image_size=image_size, precision=precision)
+        path = find_cache(cdir, spec.key())
+        if path is None:
+            raise CacheError(
+                f"no cache for split '{name}' of {ds.root} with these options in {cdir}: "
+                f"run `featx extract {ds.root}` with the same options first (or add --extract)"
+            )
+        found[name] = path
+    return found
+
+
 def extract(
     dataset: str | Path | ImageDataset,
     *,

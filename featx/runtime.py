@@ -62,7 +62,18 @@ def configure_threads(num_workers: int, device: Any) -> None:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process, MiB (DataLoader workers are separate processes)."""
+    """Peak resident memory of this process, MiB (DataLoader workers are separate processes).
+
+    On Linux this is ``VmHWM`` from /proc/self/status: ``ru_maxrss`` survives ``execve``, so a freshly
+    spawned process would report its parent's peak whenever that was higher.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 

@@ -179,3 +179,12 @@ def test_generated_dataset_in_jpeg(tmp_path: Path) -> None:
     root = make_imagefolder(tmp_path / "j", {"train": 2}, ext=".jpg")
     [res] = extract(root, cache_dir=tmp_path / "c", **FAST)
     assert res.n_images == 4 and res.n_failed == 0
+
+
+def test_find_caches_locates_every_split_without_a_model(tiny_dataset: Path, tmp_path: Path) -> None:
+    from featx.extraction import find_caches
+
+    made = {r.split: r.path for r in extract(tiny_dataset, cache_dir=tmp_path, **FAST)}
+    assert find_caches(tiny_dataset, image_size=64, cache_dir=tmp_path) == made
+    with pytest.raises(CacheError, match="no cache for split 'train'"):
+        find_caches(tiny_dataset, image_size=72, cache_dir=tmp_path)
