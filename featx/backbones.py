@@ -43,7 +43,8 @@ class Preprocessing:
     std: tuple[float, float, float]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """JSON-native form (lists, not tuples): equal to what a cache or head file reads back."""
+        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocessing:

@@ -29,6 +29,7 @@ from featx import __version__
 from featx.backbones import DEFAULT_BACKBONE, POOLED
 from featx.data import SAMPLE_DATASET, SplitPlan, load_dataset, sample_per_class
 from featx.errors import UsageError
+from featx.heads import fit_head
 
 log = logging.getLogger(__name__)
 
@@ -201,13 +202,6 @@ def _feature_sets(ds: Any, ctx: dict[str, Any], cache_dir: str | None, layer: st
     return sets, results
 
 
-def _fit_on(kind: str, tr: Any, va: Any, te: Any) -> Any:
-    """Linear-evaluation protocol on already-split FeatureSets (no further carving)."""
-    from featx.heads import fit_head
-
-    return fit_head(tr, va, te, kind=kind)
-
-
 def cell_features(ctx: dict[str, Any]) -> dict[str, Any]:
     """Extraction (all splits) + every head, on the same training rows as fine-tuning."""
     from featx.runtime import peak_rss_mb
@@ -227,7 +221,7 @@ def cell_features(ctx: dict[str, Any]) -> dict[str, Any]:
     rows = []
     for kind in ctx["heads"]:
         t1 = time.perf_counter()
-        head = _fit_on(kind, tr, sets["val"], sets["test"])
+        head = fit_head(tr, sets["val"], sets["test"], kind=kind)
         fit_seconds = time.perf_counter() - t1
         m = head.test_metrics or {}
         n_params = _head_params(head.estimator)
@@ -342,7 +336,7 @@ def cell_fewshot_heads(ctx: dict[str, Any]) -> dict[str, Any]:
             idx = sample_per_class(sets["train"].labels, shots, seed=1000 * draw + shots)
             tr = sets["train"].subset(idx)
             for kind in ctx["heads"]:
-                head = _fit_on(kind, tr, sets["val"], sets["test"])
+                head = fit_head(tr, sets["val"], sets["test"], kind=kind)
                 points.append({"method": kind, "shots": shots, "draw": draw, "accuracy": (head.test_metrics or {})["accuracy"]})
     return {"points": points}
 
@@ -399,7 +393,7 @@ def cell_layerwise(ctx: dict[str, Any]) -> dict[str, Any]:
                 },
                 Path("."),
             )
-        head = _fit_on("logreg", sets["train"], sets["val"], sets["test"])
+        head = fit_head(sets["train"], sets["val"], sets["test"], kind="logreg")
         m = head.test_metrics or {}
         points.append(
             {

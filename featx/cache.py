@@ -219,6 +219,11 @@ def embedder_signature(attrs: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def embedder_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The fields in which two embedder signatures differ (empty when features are interchangeable)."""
+    return [k for k in a if a[k] != b.get(k)]
+
+
 def _read_attrs(f: Any) -> dict[str, Any]:
     out = {}
     for k, v in f.attrs.items():

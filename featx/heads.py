@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from featx import __version__
-from featx.cache import FeatureSet, now_iso
+from featx.cache import FeatureSet, embedder_diff, now_iso
 from featx.data import SplitPlan
 from featx.errors import MismatchError, UsageError
 from featx.metrics import classification_metrics, softmax
@@ -133,8 +133,8 @@ def check_same_embedder(sets: dict[str, FeatureSet]) -> None:
     items = list(sets.items())
     ref_name, ref = items[0]
     for name, fs in items[1:]:
-        if fs.embedder != ref.embedder:
-            diff = [k for k in ref.embedder if ref.embedder[k] != fs.embedder[k]]
+        diff = embedder_diff(ref.embedder, fs.embedder)
+        if diff:
             raise MismatchError(
                 f"{name} cache differs from {ref_name} cache in {', '.join(diff)}: {fs.path.name} vs {ref.path.name}"
             )

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from featx.backbones import Backbone, build_backbone, weights_id
-from featx.cache import FeatureSet, load_cache
+from featx.cache import FeatureSet, embedder_diff, load_cache
 from featx.data import list_images
 from featx.errors import DataError, MismatchError
 from featx.heads import FittedHead, load_head
@@ -71,7 +71,7 @@ def backbone_for_head(head: FittedHead) -> Backbone:
     if wid != emb["weights_id"]:
         raise MismatchError(f"the head was trained on weights {emb['weights_id'][:23]}, but {weights} is now {wid[:23]}")
     bb = build_backbone(emb["backbone"], weights, image_size=head.metadata.get("image_size"))
-    if bb.preprocessing.to_dict() != _normalised(emb["preprocessing"]):
+    if bb.preprocessing.to_dict() != emb["preprocessing"]:
         raise MismatchError(
             f"preprocessing of {emb['backbone']} changed since the head was trained "
             f"({emb['preprocessing']} vs {bb.preprocessing.to_dict()})"
@@ -79,18 +79,8 @@ def backbone_for_head(head: FittedHead) -> Backbone:
     return bb
 
 
-def _normalised(prep: dict[str, Any]) -> dict[str, Any]:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in prep.items()}
-
-
 def check_cache_matches_head(head: FittedHead, fs: FeatureSet) -> None:
-    want, got = head.metadata["embedder"], fs.embedder
-    diff = [
-        k
-        for k in want
-        if (_normalised(want[k]) if isinstance(want[k], dict) else want[k])
-        != (_normalised(got[k]) if isinstance(got[k], dict) else got[k])
-    ]
+    diff = embedder_diff(head.metadata["embedder"], fs.embedder)
     if diff:
         raise MismatchError(f"cache {fs.path.name} does not match the head: different {', '.join(diff)}")
     if list(fs.classes) != list(head.classes) and (fs.labels >= 0).any():
