@@ -366,13 +366,33 @@ def _make_multi_tap_model() -> type:
 _multi_tap_model_class = functools.cache(_make_multi_tap_model)  # defined on first use: keeps torch out of import time
 
 
-def _load_state_dict_file(path: Path) -> dict[str, Any]:
+def load_torch_file(path: str | os.PathLike[str], what: str = "weights") -> Any:
+    """``torch.load(weights_only=True)`` on the CPU, with a one-line error that never suggests turning
+    ``weights_only`` off: a file that needs arbitrary unpickling is refused, and says which object it holds."""
+    import pickle
+    import re
+
     import torch
 
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise WeightsError(f"cannot load weights from {path}: {str(exc).splitlines()[0]}") from None
+        text = str(exc)
+        found = re.search(r"GLOBAL (\S+)", text) if isinstance(exc, pickle.UnpicklingError) else None
+        if found:
+            raise WeightsError(
+                f"refusing to load {what} from {path}: it holds Python objects ({found.group(1)}) besides tensors, and featx "
+                "loads tensors only; save a plain state_dict with torch.save(model.state_dict(), path)"
+            ) from None
+        # torch's messages open with advice to retry with weights_only=False: keep only the line with the reason
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        reason = next((ln for ln in lines if "weights_only" not in ln and "file an issue" not in ln), "")
+        why = f"{type(exc).__name__}: {reason[:160]}" if reason else type(exc).__name__
+        raise WeightsError(f"cannot load {what} from {path}: not a readable torch file ({why})") from None
+
+
+def _load_state_dict_file(path: Path) -> dict[str, Any]:
+    sd = load_torch_file(path)
     if isinstance(sd, dict):
         for key in ("state_dict", "model", "model_state_dict"):
             if key in sd and isinstance(sd[key], dict):

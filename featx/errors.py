@@ -42,6 +42,10 @@ class MismatchError(FeatxError):
     """A head, cache or checkpoint was made with a different backbone, layer or preprocessing."""
 
 
+class HeadFileError(FeatxError):
+    """A head file that featx did not write, that is damaged, or that holds types featx never loads."""
+
+
 class BenchError(FeatxError):
     """Some cells of a benchmark grid failed; the report was still written."""
 

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from featx import __version__, runtime
-from featx.backbones import DEFAULT_BACKBONE, Backbone, build_backbone
+from featx.backbones import DEFAULT_BACKBONE, Backbone, build_backbone, load_torch_file
 from featx.data import ImageDataset, ImageFiles, Split, SplitPlan, load_dataset
 from featx.errors import DataError, MismatchError, UsageError
 from featx.metrics import classification_metrics
@@ -464,12 +464,9 @@ def _plain(obj: Any) -> Any:
 
 def _load_checkpoint(path: Path, config: FinetuneConfig, bb: Backbone, rows_key: str) -> dict[str, Any]:
     """Read a checkpoint for ``resume`` and refuse one that belongs to another run."""
-    import torch
-
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle, zip and version errors all mean "unreadable"
-        raise UsageError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0][:200]}") from None
+    ckpt = load_torch_file(path, "checkpoint")
+    if not isinstance(ckpt, dict):
+        raise UsageError(f"{path} is not a featx checkpoint (it holds a {type(ckpt).__name__})")
     hint = "; use another out_dir or resume=False"
     if _plain(ckpt.get("backbone")) != _plain(bb.describe()):
         old = ckpt.get("backbone") or {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from sklearn.pipeline import Pipeline
 
 from featx.cache import load_cache
 from featx.data import SplitPlan
-from featx.errors import MismatchError, UsageError
+from featx.errors import MismatchError
 from featx.estimators import ImageFeatureExtractor
 from featx.extraction import extract
 from featx.heads import HEADS, fit_head, load_head, save_head
@@ -49,28 +50,17 @@ def test_missing_val_and_test_are_carved_from_train(sample_caches: dict[str, Pat
     assert (md["n_train"], md["n_val"], md["n_test"]) == (100, 20, 30)
 
 
-def test_save_load_round_trip_and_malicious_files(sample_caches: dict[str, Path], tmp_path: Path) -> None:
+def test_save_load_round_trip(sample_caches: dict[str, Path], tmp_path: Path) -> None:
+    """Every kind round-trips in tests/test_head_files.py; here: the JSON summary beside it and its contents."""
     sets = [load_cache(sample_caches[s]) for s in ("train", "val", "test")]
     head = fit_head(*sets, kind="linear-svm", n_jobs=1)
     path = save_head(head, tmp_path / "h.skops")
-    assert path.with_suffix(".json").is_file()
+    summary = json.loads(path.with_suffix(".json").read_text())
+    assert summary["best_params"] == head.best_params and summary["head"] == "linear-svm"
     loaded = load_head(path)
     X = sets[2].features
-    assert np.array_equal(loaded.predict(X), head.predict(X))
     np.testing.assert_allclose(loaded.predict_proba(X).sum(axis=1), 1.0)
     assert loaded.metadata["embedder"] == head.metadata["embedder"]
-    # a pickle renamed .skops is not opened with pickle
-    import pickle
-
-    (tmp_path / "evil.skops").write_bytes(pickle.dumps({"estimator": 1}))
-    with pytest.raises(UsageError, match="not a featx head file"):
-        load_head(tmp_path / "evil.skops")
-    # a skops file carrying a type outside sklearn/numpy is refused before anything is built from it
-    import skops.io as sio
-
-    sio.dump({"estimator": SplitPlan(), "summary_json": "{}"}, tmp_path / "odd.skops")
-    with pytest.raises(UsageError, match="untrusted types"):
-        load_head(tmp_path / "odd.skops")
 
 
 def test_head_predicts_the_same_as_predict_on_raw_images(
