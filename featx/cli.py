@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="*", help="image files, folders or a CSV with a 'path' column")
     p.add_argument("--cache", default=None, help="predict the rows of a cache instead of images")
     p.add_argument("-o", "--output", default="-", help="output .csv or .json, or - for CSV on stdout (default: -)")
+    p.add_argument("--weights", default=None, help="where the head's weights file is now, if it has moved (sha256 is checked)")
     _add_runtime_options(p)
     _add_cache_dir(p)
     p.set_defaults(func=cmd_predict)
@@ -354,6 +355,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         device=args.device,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
+        weights=args.weights,
         progress=_progress(args),
     )
     for path, reason in preds.failures[:5]:

@@ -22,10 +22,10 @@ from featx.backbones import (
     DEFAULT_BACKBONE,
     POOLED,
     Backbone,
+    EmbedderSpec,
     Preprocessing,
-    build_backbone,
-    library_versions,
-    weights_id,
+    build_embedder,
+    resolve_embedder,
 )
 from featx.cache import CacheSpec, CacheWriter, base_attrs, cache_filename, find_cache, resolve_cache_dir
 from featx.data import ImageDataset, ImageFiles, Split, load_dataset
@@ -159,18 +159,9 @@ class ExtractResult:
         )
 
 
-def cache_spec(split: Split, *, backbone: str, weights: str, layer: str, image_size: int | None, precision: str) -> CacheSpec:
+def cache_spec(split: Split, embedder: EmbedderSpec) -> CacheSpec:
     """The key ingredients of one split's cache, computed without building the model."""
-    return CacheSpec(
-        dataset_fingerprint=split.fingerprint(),
-        split=split.name,
-        backbone=backbone,
-        weights_id=weights_id(backbone, weights),
-        layer=layer,
-        image_size=image_size,
-        precision=precision,
-        libraries=library_versions(),
-    )
+    return CacheSpec(dataset_fingerprint=split.fingerprint(), split=split.name, embedder=embedder)
 
 
 def find_caches(
@@ -190,10 +181,10 @@ def find_caches(
 
     ds = dataset if isinstance(dataset, ImageDataset) else load_dataset(dataset)
     cdir = resolve_cache_dir(cache_dir)
+    embedder = resolve_embedder(backbone, weights, layer=layer, image_size=image_size, precision=precision)
     found = {}
     for name, split in ds.splits.items():
-        spec = cache_spec(split, backbone=backbone, weights=weights, layer=layer, image_size=image_size, precision=precision)
-        path = find_cache(cdir, spec.key())
+        path = find_cache(cdir, cache_spec(split, embedder))
         if path is None:
             raise CacheError(
                 f"no cache for split '{name}' of {ds.root} with these options in {cdir}: "
@@ -230,19 +221,18 @@ def extract(
     names = list(splits) if splits else list(ds.splits)
     for n in names:
         ds.split(n)  # raises a clear error for a split the dataset does not have
-    if image_size is not None and image_size < 16:
-        raise UsageError(f"--image-size must be at least 16, got {image_size}")
+    embedder = resolve_embedder(backbone, weights, layer=layer, image_size=image_size, precision=precision)
     cdir = resolve_cache_dir(cache_dir)
     results: list[ExtractResult] = []
     bb: Backbone | None = None
     for name in names:
         split = ds.split(name)
-        spec = cache_spec(split, backbone=backbone, weights=weights, layer=layer, image_size=image_size, precision=precision)
+        spec = cache_spec(split, embedder)
         key = spec.key()
         final = cdir / cache_filename(ds.name, spec)
         cdir.mkdir(parents=True, exist_ok=True)
         with FileLock(str(final) + ".lock"):  # a second run for the same key waits, then sees a hit
-            hit = find_cache(cdir, key)
+            hit = find_cache(cdir, spec)
             if hit is not None and force:
                 hit.unlink()
                 hit = None
@@ -253,7 +243,7 @@ def extract(
                 results.append(ExtractResult(name, hit, key, True, int(a["n_images"]), int(a["n_failed"]), 0.0, 0.0))
                 continue
             if bb is None:
-                bb = build_backbone(backbone, weights, image_size=image_size)
+                bb = build_embedder(embedder)
                 if layer != POOLED and layer not in dict(bb.model.named_modules()):
                     raise UsageError(f"backbone {bb.name} has no layer '{layer}' (try: {', '.join(bb.layers)})")
             results.append(
@@ -296,22 +286,17 @@ def _extract_split(
     runtime.configure_threads(workers, dev)
     bs = batch_size or default_batch_size(dev)
     model = bb.feature_model(layer)
+    emb = bb.embedder(layer, precision)
     attrs = {
         **base_attrs(),
         "key": spec.key(),
-        "spec": spec.to_json(),
+        "embedder": emb.to_dict(),
         "dataset_name": ds.name,
         "dataset_root": str(ds.root),
         "dataset_fingerprint": spec.dataset_fingerprint,
         "split": split.name,
-        "backbone": bb.name,
-        "weights": bb.weights,
-        "weights_id": bb.weights_id,
-        "weights_sha256": bb.weights_sha256,
+        "backbone": emb.backbone,  # the embedder's fields most often looked at, also flat for `cache ls` and h5 tools
         "layer": layer,
-        "preprocessing": bb.preprocessing.to_dict(),
-        "precision": precision,
-        "libraries": spec.libraries,
         "device": str(dev),
         "batch_size": bs,
     }

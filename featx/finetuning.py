@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from featx import __version__, runtime
-from featx.backbones import DEFAULT_BACKBONE, Backbone, build_backbone, load_torch_file
+from featx.backbones import DEFAULT_BACKBONE, Backbone, EmbedderSpec, build_backbone, load_torch_file
 from featx.data import ImageDataset, ImageFiles, Split, SplitPlan, load_dataset
 from featx.errors import DataError, MismatchError, UsageError
 from featx.metrics import classification_metrics
@@ -457,23 +457,19 @@ def _rows_key(splits: dict[str, Split]) -> str:
     return h.hexdigest()
 
 
-def _plain(obj: Any) -> Any:
-    """Tuples to lists etc., so values compare the same before and after a save."""
-    return json.loads(json.dumps(obj))
-
-
 def _load_checkpoint(path: Path, config: FinetuneConfig, bb: Backbone, rows_key: str) -> dict[str, Any]:
     """Read a checkpoint for ``resume`` and refuse one that belongs to another run."""
     ckpt = load_torch_file(path, "checkpoint")
     if not isinstance(ckpt, dict):
         raise UsageError(f"{path} is not a featx checkpoint (it holds a {type(ckpt).__name__})")
     hint = "; use another out_dir or resume=False"
-    if _plain(ckpt.get("backbone")) != _plain(bb.describe()):
-        old = ckpt.get("backbone") or {}
+    if not isinstance(ckpt.get("embedder"), dict):
+        raise MismatchError(f"checkpoint {path} was written by an older featx and cannot be resumed{hint}")
+    old = EmbedderSpec.from_dict(ckpt["embedder"])
+    diff = old.differences(bb.spec)
+    if diff:
         raise MismatchError(
-            f"checkpoint {path} was made with backbone {old.get('backbone')} "
-            f"({old.get('weights_id')}, {old.get('preprocessing', {}).get('input_size')} px), "
-            f"not {bb.name} ({bb.weights_id}, {bb.preprocessing.input_size} px){hint}"
+            f"checkpoint {path} was made with {old.describe()}, not {bb.spec.describe()} (different {', '.join(diff)}){hint}"
         )
     old_cfg, new_cfg = ckpt.get("config") or {}, config.to_dict()
     for key in new_cfg:
@@ -644,7 +640,7 @@ def finetune(
                 "epoch": epoch,
                 **{k: v for k, v in vars(state).items() if k != "next_epoch"},
                 "config": config.to_dict(),
-                "backbone": bb.describe(),
+                "embedder": bb.spec.to_dict(),
                 "rows_key": rows_key,
                 "lp_stage": lp_stage,
                 "rng": _rng_state(),
@@ -658,7 +654,7 @@ def finetune(
     train_seconds = sum(h["seconds"] for h in state.history)
     result = {
         "strategy": config.strategy,
-        "backbone": bb.describe(),
+        "embedder": bb.spec.to_dict(),
         "config": config.to_dict(),
         "dataset": ds.name,
         "n_train": len(splits["train"]),

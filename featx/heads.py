@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from featx import __version__
-from featx.cache import FeatureSet, embedder_diff, now_iso
+from featx.backbones import EmbedderSpec
+from featx.cache import FeatureSet, now_iso
 from featx.data import SplitPlan
 from featx.errors import HeadFileError, MismatchError, UsageError
 from featx.metrics import classification_metrics, softmax
@@ -230,13 +231,21 @@ class FittedHead:
     def predict(self, X: np.ndarray) -> np.ndarray:
         return self.estimator.predict(X)
 
+    @property
+    def embedder(self) -> EmbedderSpec:
+        """The embedder whose features this head expects (heads written by featx 0.1.0 are converted)."""
+        md = self.metadata
+        if "weights_id" in (md.get("embedder") or {}):
+            return EmbedderSpec.from_legacy_metadata(md)
+        return EmbedderSpec.from_dict(md["embedder"])
+
 
 def check_same_embedder(sets: dict[str, FeatureSet]) -> None:
     """All caches fed to one head must come from the same backbone, weights, layer and preprocessing."""
     items = list(sets.items())
     ref_name, ref = items[0]
     for name, fs in items[1:]:
-        diff = embedder_diff(ref.embedder, fs.embedder)
+        diff = ref.embedder.differences(fs.embedder)
         if diff:
             raise MismatchError(
                 f"{name} cache differs from {ref_name} cache in {', '.join(diff)}: {fs.path.name} vs {ref.path.name}"
@@ -260,6 +269,9 @@ def split_features(train: FeatureSet, val: FeatureSet | None, test: FeatureSet |
     return out
 
 
+FINAL_FITS = ("train+val", "train")
+
+
 def fit_head(
     train: FeatureSet,
     val: FeatureSet | None = None,
@@ -269,9 +281,16 @@ def fit_head(
     plan: SplitPlan | None = None,
     grid: list[dict[str, Any]] | None = None,
     n_jobs: int | None = None,
+    final_fit: str = "train+val",
 ) -> FittedHead:
-    """Sweep on val, refit on train + val, evaluate on test. Missing val/test are carved from train."""
+    """Sweep on val, refit with the chosen values, evaluate once on test. Missing val/test are carved from train.
+
+    ``final_fit``: ``train+val`` (default; Kornblith et al. 2019) refits on both splits, ``train`` keeps the
+    model fitted on train alone, as fine-tuning does with ``--final-fit train``.
+    """
     head_kind(kind)  # raises for an unknown kind
+    if final_fit not in FINAL_FITS:
+        raise UsageError(f"final_fit must be one of {', '.join(FINAL_FITS)}, got {final_fit!r}")
     check_same_embedder({n: fs for n, fs in {"train": train, "val": val, "test": test}.items() if fs is not None})
     plan = plan or SplitPlan()
     parts = split_features(train, val, test, plan)
@@ -282,9 +301,11 @@ def fit_head(
     curve = sweep(kind, tr.features, tr.labels, va.features, va.labels, grid=grid, n_jobs=n_jobs)
     best = max(range(len(curve)), key=lambda i: (curve[i]["val_accuracy"], -i))  # ties: earlier = stronger reg.
     best_params = curve[best]["params"]
-    estimator = make_head(kind, **best_params).fit(
-        np.concatenate([tr.features, va.features]), np.concatenate([tr.labels, va.labels])
-    )
+    if final_fit == "train+val":
+        X_fit, y_fit = np.concatenate([tr.features, va.features]), np.concatenate([tr.labels, va.labels])
+    else:
+        X_fit, y_fit = tr.features, tr.labels
+    estimator = make_head(kind, **best_params).fit(X_fit, y_fit)
     fit_seconds = time.perf_counter() - t0
     metrics = classification_metrics(te.labels, estimator.predict(te.features), len(train.classes)) if len(te.labels) else None
     metadata = {
@@ -292,15 +313,14 @@ def fit_head(
         "created_at": now_iso(),
         "head": kind,
         "classes": list(train.classes),
-        "embedder": train.embedder,
-        "weights": train.attrs.get("weights"),
-        "weights_sha256": train.attrs.get("weights_sha256"),
-        "image_size": (train.attrs.get("spec") or {}).get("image_size"),
+        "embedder": train.embedder.to_dict(),
         "best_params": best_params,
         "val_accuracy": curve[best]["val_accuracy"],
         "fit_seconds": fit_seconds,
+        "final_fit": final_fit,
         "n_train": len(tr.labels),
         "n_val": len(va.labels),
+        "n_fit": len(y_fit),
         "n_test": len(te.labels),
         "caches": {n: fs.attrs.get("key") for n, fs in (("train", train), ("val", val), ("test", test)) if fs is not None},
         "split_plan": {"val_fraction": plan.val_fraction, "test_fraction": plan.test_fraction, "seed": plan.seed},

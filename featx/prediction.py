@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,11 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from featx.backbones import Backbone, build_backbone, weights_id
-from featx.cache import FeatureSet, embedder_diff, load_cache
+from featx.backbones import Backbone, EmbedderSpec, build_embedder
+from featx.cache import FeatureSet, load_cache
 from featx.data import list_images
 from featx.errors import DataError, MismatchError
 from featx.heads import FittedHead, load_head
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -60,31 +63,29 @@ class Predictions:
         return None
 
 
-def backbone_for_head(head: FittedHead) -> Backbone:
-    """Rebuild the head's backbone; refuse if the weights or preprocessing are no longer the same."""
-    emb = head.metadata["embedder"]
-    weights = head.metadata.get("weights") or "imagenet"
-    try:
-        wid = weights_id(emb["backbone"], weights)
-    except Exception as exc:
-        raise MismatchError(f"cannot rebuild the head's backbone {emb['backbone']} ({weights}): {exc}") from None
-    if wid != emb["weights_id"]:
-        raise MismatchError(f"the head was trained on weights {emb['weights_id'][:23]}, but {weights} is now {wid[:23]}")
-    bb = build_backbone(emb["backbone"], weights, image_size=head.metadata.get("image_size"))
-    if bb.preprocessing.to_dict() != emb["preprocessing"]:
-        raise MismatchError(
-            f"preprocessing of {emb['backbone']} changed since the head was trained "
-            f"({emb['preprocessing']} vs {bb.preprocessing.to_dict()})"
-        )
+def backbone_for_head(head: FittedHead, *, weights_path: str | os.PathLike[str] | None = None) -> Backbone:
+    """Rebuild the head's embedder; refuse if the weights file or the preprocessing is no longer the same.
+    ``weights_path`` locates a weights file that has moved since the head was trained (its sha256 must match)."""
+    spec = head.embedder
+    bb = build_embedder(spec, weights_path=weights_path)
+    _warn_versions(spec, bb.spec, "the head was trained")
     return bb
 
 
+def _warn_versions(recorded: EmbedderSpec, now: EmbedderSpec, when: str) -> None:
+    changed = recorded.version_changes(now)
+    if changed:
+        what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+        log.warning("%s with other library versions (%s): features may differ slightly", when, what)
+
+
 def check_cache_matches_head(head: FittedHead, fs: FeatureSet) -> None:
-    diff = embedder_diff(head.metadata["embedder"], fs.embedder)
+    diff = head.embedder.differences(fs.embedder)
     if diff:
         raise MismatchError(f"cache {fs.path.name} does not match the head: different {', '.join(diff)}")
     if list(fs.classes) != list(head.classes) and (fs.labels >= 0).any():
         raise MismatchError(f"cache {fs.path.name} has other classes than the head")
+    _warn_versions(head.embedder, fs.embedder, f"cache {fs.path.name} was made")
 
 
 def predict(
@@ -95,9 +96,12 @@ def predict(
     device: str = "auto",
     batch_size: int | None = None,
     num_workers: int | None = None,
+    weights: str | os.PathLike[str] | None = None,
     progress: bool = False,
 ) -> Predictions:
-    """Label images (files, folders, CSV with a ``path`` column) or the rows of a cache file."""
+    """Label images (files, folders, CSV with a ``path`` column) or the rows of a cache file.
+
+    ``weights`` points at the head's weights file when it has moved (checked against the recorded sha256)."""
     from featx.extraction import compute_features
 
     h = head if isinstance(head, FittedHead) else load_head(head)
@@ -108,17 +112,17 @@ def predict(
         feats, paths = fs.features, fs.paths
     else:
         root, rel, _ignored = list_images(inputs)
-        bb = backbone_for_head(h)
-        emb = h.metadata["embedder"]
+        bb = backbone_for_head(h, weights_path=weights)
+        emb = h.embedder
         feats, errors = compute_features(
             bb,
             root,
             rel,
-            layer=emb["layer"],
+            layer=emb.layer,
             device=device,
             batch_size=batch_size,
             num_workers=num_workers,
-            precision=emb["precision"],
+            precision=emb.precision,
             progress=progress,
         )
         ok = np.array([not e for e in errors])

@@ -96,7 +96,7 @@ def test_head_cache_mismatch_is_a_usage_error(
 def read(path: str) -> dict:
     from featx.cache import read_cache_attrs
 
-    return read_cache_attrs(path)["preprocessing"]
+    return read_cache_attrs(path)["embedder"]["preprocessing"]
 
 
 def test_console_script_runs_as_a_module() -> None:

@@ -37,8 +37,11 @@ def test_round_trip_features_labels_paths(tiny_dataset: Path, tmp_path: Path) ->
     np.testing.assert_allclose(fs.features, feats, rtol=1e-4, atol=1e-5)
     a = fs.attrs
     assert a["complete"] and a["backbone"] == "efficientnet_lite0" and a["layer"] == "pooled"
-    assert a["preprocessing"]["input_size"] == 64 and a["preprocessing"]["interpolation"] == "bicubic"
-    assert len(a["weights_sha256"]) == 64 and a["extraction_seconds"] > 0 and a["featx_version"]
+    emb = a["embedder"]
+    assert emb["preprocessing"]["input_size"] == 64 and emb["preprocessing"]["interpolation"] == "bicubic"
+    assert len(emb["weights_sha256"]) == 64 and a["extraction_seconds"] > 0 and a["featx_version"]
+    assert set(emb["versions"]) == {"torch", "torchvision", "timm", "pillow"}
+    assert fs.embedder == bb.embedder()  # the same identity, resolved preprocessing included
 
 
 def test_second_extract_is_a_hit_and_every_key_ingredient_makes_a_miss(tiny_dataset: Path, tmp_path: Path) -> None:
