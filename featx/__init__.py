@@ -24,7 +24,7 @@ _API = {
     "list_backbones": "featx.backbones",
     "Preprocessing": "featx.backbones",
     "extract": "featx.extraction",
-    "compute_features": "featx.extraction",
+    "compute_features": "featx.inference",
     "find_caches": "featx.extraction",
     "load_cache": "featx.cache",
     "list_caches": "featx.cache",

@@ -355,7 +355,7 @@ def cell_layerwise(ctx: dict[str, Any]) -> dict[str, Any]:
     """Logistic-regression probe on each stage's pooled features (one forward pass for all layers)."""
     from featx.backbones import build_backbone
     from featx.cache import FeatureSet
-    from featx.extraction import compute_features
+    from featx.inference import compute_features
 
     ds = load_dataset(ctx["dataset"])
     plan = SplitPlan(ctx["val_fraction"], ctx["test_fraction"], ctx["seed"])

@@ -63,7 +63,7 @@ class ImageFeatureExtractor(TransformerMixin, BaseEstimator):
         return self
 
     def transform(self, X: Sequence[str]) -> np.ndarray:
-        from featx.extraction import compute_features
+        from featx.inference import compute_features
 
         check_is_fitted(self, "n_features_out_")
         if getattr(self, "backbone_", None) is None:  # unpickled: rebuild from the stored configuration

@@ -1,19 +1,16 @@
-"""Feature extraction: run a frozen backbone over image files in batches, into HDF5 caches or arrays.
+"""Feature extraction into HDF5 caches: one cache per split, found by key, written by dataset position.
 
-The hot loop decodes in DataLoader worker processes (pinned memory on CUDA), runs the model in
-``eval()`` + ``inference_mode`` with channels_last and optional autocast, and hands each batch to a
-writer addressed by dataset position, so the write path stays chunked (and, later, resumable and
-shardable by index).
+The batched forward itself lives in :mod:`featx.inference`; this module decides what to compute
+(cache hits, keys, locks) and where the rows go.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -23,119 +20,15 @@ from featx.backbones import (
     POOLED,
     Backbone,
     EmbedderSpec,
-    Preprocessing,
     build_embedder,
     resolve_embedder,
 )
 from featx.cache import CacheSpec, CacheWriter, base_attrs, cache_filename, find_cache, resolve_cache_dir
-from featx.data import ImageDataset, ImageFiles, Split, load_dataset
+from featx.data import ImageDataset, Split, load_dataset
 from featx.errors import DataError, UsageError
+from featx.inference import compute_features, default_batch_size, iter_features  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Batch:
-    positions: np.ndarray  # positions in the iterated list
-    features: np.ndarray  # float32 (B, D); rows of failed images are undefined
-    labels: np.ndarray
-    errors: list[str]  # "" for images that decoded
-
-
-def default_batch_size(device: Any) -> int:
-    # On small CPUs large batches are slower per image (cache effects; ../shared/notes/cpu-reference.md).
-    return 128 if device.type == "cuda" else 16
-
-
-def iter_features(
-    model: Any,
-    preprocessing: Preprocessing,
-    root: str | Path,
-    paths: Sequence[str],
-    labels: Sequence[int] | np.ndarray | None = None,
-    *,
-    device: Any,
-    batch_size: int,
-    num_workers: int,
-    precision: str = "fp32",
-    channels_last: bool = True,
-    progress: bool = True,
-    desc: str = "extract",
-) -> Iterator[Batch]:
-    """Yield features for ``paths`` batch by batch, in order. ``model`` maps images to (N, D)."""
-    import torch
-    from torch.utils.data import DataLoader
-
-    size = preprocessing.input_size
-    files = ImageFiles(root, paths, labels, preprocessing.build_transform(), failed_shape=(3, size, size))
-    loader = DataLoader(
-        files,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=False,
-        prefetch_factor=4 if num_workers > 0 else None,
-    )
-    model = model.to(device).eval()
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    if channels_last:
-        model = model.to(memory_format=memory_format)
-    bar = runtime.progress_bar(None, total=len(files), desc=desc, enabled=progress)
-    try:
-        with torch.inference_mode():
-            for images, labs, pos, errors in loader:
-                x = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-                with runtime.autocast(device, precision):
-                    feats = model(x)
-                yield Batch(pos.numpy(), feats.float().cpu().numpy(), labs.numpy(), list(errors))
-                bar.update(len(pos))
-    finally:
-        bar.close()
-
-
-def compute_features(
-    backbone: Backbone,
-    root: str | Path,
-    paths: Sequence[str],
-    *,
-    layer: str = POOLED,
-    device: str | Any = "auto",
-    batch_size: int | None = None,
-    num_workers: int | None = None,
-    precision: str = "fp32",
-    progress: bool = False,
-) -> tuple[np.ndarray, list[str]]:
-    """Features of images in memory (no cache): ``(features (N, D) float32, errors)``.
-
-    ``errors[i]`` is "" when image i decoded, else the reason (its feature row is zeros).
-    """
-    dev = device if not isinstance(device, str) else runtime.resolve_device(device)
-    runtime.check_precision(precision, dev)
-    workers = runtime.default_num_workers() if num_workers is None else num_workers
-    runtime.configure_threads(workers, dev)
-    out: np.ndarray | None = None
-    errors: list[str] = [""] * len(paths)
-    for b in iter_features(
-        backbone.feature_model(layer),
-        backbone.preprocessing,
-        root,
-        paths,
-        device=dev,
-        batch_size=batch_size or default_batch_size(dev),
-        num_workers=workers,
-        precision=precision,
-        progress=progress,
-        desc="features",
-    ):
-        if out is None:
-            out = np.zeros((len(paths), b.features.shape[1]), dtype=np.float32)
-        ok = np.array([not e for e in b.errors])
-        out[b.positions[ok]] = b.features[ok]
-        for p, e in zip(b.positions, b.errors):
-            errors[int(p)] = e
-    assert out is not None
-    return out, errors
 
 
 @dataclass(frozen=True)

@@ -288,7 +288,7 @@ def _linear_probe_stage(
     workers: int,
     progress: bool,
 ) -> dict[str, Any]:
-    from featx.extraction import compute_features
+    from featx.inference import compute_features
 
     t0 = time.perf_counter()
     feats = {}

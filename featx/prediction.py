@@ -102,7 +102,7 @@ def predict(
     """Label images (files, folders, CSV with a ``path`` column) or the rows of a cache file.
 
     ``weights`` points at the head's weights file when it has moved (checked against the recorded sha256)."""
-    from featx.extraction import compute_features
+    from featx.inference import compute_features
 
     h = head if isinstance(head, FittedHead) else load_head(head)
     failures: list[tuple[str, str]] = []
