@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -24,6 +26,91 @@ EPILOG = "exit codes: 0 ok, 1 internal error, 2 usage or data error, 5 some benc
 
 
 # --------------------------------------------------------------------------------------------------
+# Argument types: a bad number is an argparse error (one line, exit 2) before anything is built
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``featx extract: error: ...``) with exit code 2."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(text: str, kind: type, what: str) -> Any:
+    try:
+        value = kind(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"must be {what}, got '{text}'") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be {what}, got '{text}'")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (batch size, image size, epochs, shots...)."""
+    value = _number(text, int, "a positive integer")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got '{text}'")
+    return value
+
+
+def nonneg_int(text: str) -> int:
+    """An integer >= 0 (worker count, seed, patience)."""
+    value = _number(text, int, "an integer >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got '{text}'")
+    return value
+
+
+def n_jobs_int(text: str) -> int:
+    """A positive number of parallel jobs, or -1 for all cores (joblib's convention)."""
+    value = _number(text, int, "a positive integer or -1 (all cores)")
+    if value < 1 and value != -1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or -1 (all cores), got '{text}'")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number strictly between 0 and 1 (a share of the images)."""
+    value = _number(text, float, "a number between 0 and 1 (exclusive)")
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1 (exclusive), got '{text}'")
+    return value
+
+
+def unit_float(text: str) -> float:
+    """A number in [0, 1) (dropout, label smoothing, momentum)."""
+    value = _number(text, float, "a number >= 0 and < 1")
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0 and < 1, got '{text}'")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (learning rate)."""
+    value = _number(text, float, "a number > 0")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got '{text}'")
+    return value
+
+
+def nonneg_float(text: str) -> float:
+    """A finite number >= 0 (weight decay, warm-up epochs, LR scale)."""
+    value = _number(text, float, "a number >= 0")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got '{text}'")
+    return value
+
+
+def nonneg_float_list(text: str) -> list[float]:
+    """Comma-separated finite numbers >= 0 (fine-tuning search grids: --lr-grid, --wd-grid)."""
+    parts = [t.strip() for t in text.split(",") if t.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"must be comma-separated numbers >= 0, got '{text}'")
+    return [nonneg_float(t) for t in parts]
+
+
+# --------------------------------------------------------------------------------------------------
 # Shared option groups
 
 
@@ -36,15 +123,58 @@ def _add_backbone_options(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--weights", default="imagenet", help="imagenet | none | PATH to a state_dict (default: %(default)s)")
     g.add_argument("--layer", default="pooled", help="pooled penultimate features, or a block name (default: %(default)s)")
-    g.add_argument("--image-size", type=int, default=None, help="input resolution (default: the weights' own)")
+    g.add_argument("--image-size", type=positive_int, default=None, help="input resolution (default: the weights' own)")
     g.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="compute precision (default: fp32)")
 
 
 def _add_runtime_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto)")
-    g.add_argument("--batch-size", type=int, default=None, help="images per batch (default: 16 on CPU, 128 on CUDA)")
-    g.add_argument("--num-workers", type=int, default=None, help="decode worker processes (default: cores - 1, at least 1)")
+    g.add_argument("--batch-size", type=positive_int, default=None, help="images per batch (default: 16 on CPU, 256 on CUDA)")
+    g.add_argument(
+        "--num-workers",
+        type=nonneg_int,
+        default=None,
+        help="decode worker processes (default: 0 on CPU = decode in threads between forwards; CUDA: cores - 1, at most 8)",
+    )
+
+
+def _add_inference_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("inference (benchmarks/results/bench_extract.md)")
+    g.add_argument(
+        "--optimize",
+        default=None,
+        choices=["auto", "none", "fold", "freeze", "compile"],
+        help="model preparation: fold BatchNorm into convs (auto), TorchScript freeze, torch.compile, or none",
+    )
+    g.add_argument(
+        "--decode",
+        default=None,
+        choices=["auto", "threads", "processes", "gpu"],
+        help="where images decode (auto: threads on CPU, worker processes with --num-workers or on CUDA; gpu: nvJPEG)",
+    )
+    g.add_argument(
+        "--jpeg-draft",
+        action="store_true",
+        help="decode large JPEGs at a reduced DCT scale (faster on big photos; features change slightly)",
+    )
+
+
+def _set_inference_env(args: argparse.Namespace) -> None:
+    """Pass --optimize/--decode/--jpeg-draft to featx.inference (read there when left at their defaults)."""
+    for name, value in (("FEATX_OPTIMIZE", args.optimize), ("FEATX_DECODE", args.decode)):
+        if value is not None:
+            os.environ[name] = value
+    if args.jpeg_draft:
+        os.environ["FEATX_JPEG_DRAFT"] = "1"
+
+
+def _add_outside_root(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--allow-outside-root",
+        action="store_true",
+        help="let a CSV manifest name files outside its own folder (refused by default)",
+    )
 
 
 def _add_cache_dir(p: argparse.ArgumentParser) -> None:
@@ -53,13 +183,13 @@ def _add_cache_dir(p: argparse.ArgumentParser) -> None:
 
 def _add_split_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("splits (used when the dataset has no val/test folder)")
-    g.add_argument("--val-fraction", type=float, default=0.2, help="share of train carved out as val (default: 0.2)")
-    g.add_argument("--test-fraction", type=float, default=0.2, help="share of train carved out as test (default: 0.2)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the carving (default: 0)")
+    g.add_argument("--val-fraction", type=fraction, default=0.2, help="share of train carved out as val (default: 0.2)")
+    g.add_argument("--test-fraction", type=fraction, default=0.2, help="share of train carved out as test (default: 0.2)")
+    g.add_argument("--seed", type=nonneg_int, default=0, help="seed of the carving (default: 0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="featx",
         description="Transfer learning on images: cached backbone features, cheap heads, fine-tuning baselines.",
         epilog=EPILOG,
@@ -75,8 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backbone_options(p)
     _add_runtime_options(p)
     p.add_argument("--no-channels-last", action="store_true", help="keep NCHW memory format")
+    _add_inference_options(p)
     _add_cache_dir(p)
-    p.add_argument("--force", action="store_true", help="re-extract even if a cache exists")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="re-extract even if a cache exists (the old cache is replaced only once the new one is complete)",
+    )
+    p.add_argument("--strict", action="store_true", help="any image that cannot be read is an error (exit 2; the cache is kept)")
+    _add_outside_root(p)
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser("cache", help="list, inspect or remove caches", epilog=EPILOG)
@@ -89,7 +226,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("ref", help="cache file, key or key prefix")
     _add_cache_dir(q)
     q.set_defaults(func=cmd_cache_info)
-    q = csub.add_parser("rm", help="remove caches")
+    q = csub.add_parser("verify", help="read every cache in full and check its checksums (exit 2 if any is damaged)")
+    q.add_argument("refs", nargs="*", help="cache files, keys or key prefixes (default: every cache in the folder)")
+    _add_cache_dir(q)
+    q.set_defaults(func=cmd_cache_verify)
+    q = csub.add_parser("rm", help="remove caches (and interrupted extractions' journals)")
     q.add_argument("refs", nargs="*", help="cache files, keys or key prefixes")
     q.add_argument("--all", action="store_true", help="remove every cache in the folder")
     _add_cache_dir(q)
@@ -102,11 +243,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", dest="test_cache", help="test cache (optional)")
     p.add_argument("--head", default="logreg", help="logreg, linear-svm, rbf-svm, knn, comma-separated, or all (default: logreg)")
     p.add_argument("--extract", action="store_true", help="extract missing caches first")
+    _add_outside_root(p)
     _add_backbone_options(p)
     _add_runtime_options(p)
     _add_cache_dir(p)
     _add_split_options(p)
-    p.add_argument("--n-jobs", type=int, default=None, help="parallel sweep workers (default: all cores)")
+    p.add_argument("--n-jobs", type=n_jobs_int, default=None, help="parallel sweep workers (default: all cores)")
+    p.add_argument(
+        "--solver",
+        choices=["sklearn", "torch"],
+        default="sklearn",
+        help="logreg solver: scikit-learn, or torch L-BFGS (uses --device; exported as a plain LogisticRegression)",
+    )
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="read the caches in row chunks instead of loading them (caches larger than memory; logreg, torch L-BFGS)",
+    )
     p.add_argument("--out-dir", default="heads", help="where heads (.skops) and metrics (.json) go (default: heads)")
     p.set_defaults(func=cmd_fit_head)
 
@@ -127,24 +280,51 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="fine-tuning baseline on the same splits", epilog=EPILOG)
     p.add_argument("dataset", help="ImageFolder root or CSV manifest")
     p.add_argument("--strategy", default="full", help="full | partial | head | lp-ft (default: full)")
-    p.add_argument("--trainable-blocks", type=int, default=2, help="partial: train the last N blocks (default: 2)")
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--optimizer", default="sgd", help="sgd | adamw (default: sgd)")
-    p.add_argument("--lr", type=float, default=0.01, help="head learning rate (default: 0.01)")
-    p.add_argument("--backbone-lr-scale", type=float, default=0.1, help="backbone LR = lr * this (default: 0.1)")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--dropout", type=float, default=0.2)
-    p.add_argument("--label-smoothing", type=float, default=0.0)
-    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--trainable-blocks", type=positive_int, default=2, help="partial: train the last N blocks (default: 2)")
+    p.add_argument("--epochs", type=positive_int, default=10)
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="sgd (momentum) | adamw (default: sgd)")
+    p.add_argument("--lr", type=positive_float, default=0.01, help="head learning rate (default: 0.01)")
+    p.add_argument("--backbone-lr-scale", type=nonneg_float, default=0.1, help="backbone LR = lr * this (default: 0.1)")
+    p.add_argument("--momentum", type=unit_float, default=0.9)
+    p.add_argument("--weight-decay", type=nonneg_float, default=1e-4)
+    p.add_argument("--dropout", type=unit_float, default=0.2)
+    p.add_argument("--label-smoothing", type=unit_float, default=0.0)
+    p.add_argument("--warmup-epochs", type=nonneg_float, default=1.0)
     p.add_argument(
         "--augment",
         default="random_resized_crop,hflip,affine",
         help="comma-separated augmentations, or none (default: %(default)s)",
     )
-    p.add_argument("--patience", type=int, default=3, help="early-stopping patience in epochs, 0 = off (default: 3)")
+    p.add_argument("--patience", type=nonneg_int, default=3, help="early-stopping patience in epochs, 0 = off (default: 3)")
     p.add_argument("--out-dir", default=None, help="checkpoint and result folder (default: runs/finetune/<dataset>-<strategy>)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out-dir")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint(s) in --out-dir")
+    p.add_argument(
+        "--final-fit",
+        default=None,
+        choices=["train+val", "train"],
+        help="retrain on train+val for the epochs chosen on val, or keep the best model trained on train "
+        "(default: train+val; train with --selection rule)",
+    )
+    p.add_argument(
+        "--selection",
+        default="val",
+        choices=["val", "rule"],
+        help="choose epochs on val, or use the fixed few-shot rule without val labels (default: val)",
+    )
+    p.add_argument(
+        "--lr-grid",
+        type=nonneg_float_list,
+        default=None,
+        help="comma-separated LRs: search lr x weight decay on val (e.g. 1e-3,3e-3,1e-2,3e-2)",
+    )
+    p.add_argument("--wd-grid", type=nonneg_float_list, default=None, help="comma-separated weight decays for the search")
+    p.add_argument(
+        "--search", action="store_true", help="search the default lr x weight-decay grid for --optimizer (smaller on CPU)"
+    )
+    p.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="per-step losses, grid details, tracebacks"
+    )
+    _add_outside_root(p)
     _add_backbone_options(p)
     _add_runtime_options(p)
     _add_split_options(p)
@@ -158,6 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default=None, help="report folder (default: runs/bench or runs/bench-quick)")
     _add_cache_dir(p)
     p.add_argument("--device", default=None, help="auto | cpu | cuda (default: from the config, else auto)")
+    p.add_argument(
+        "--final-fit",
+        default=None,
+        choices=["train+val", "train"],
+        help="what both families train their final model on after choosing on val (default: from the config, else train+val)",
+    )
     p.set_defaults(func=cmd_bench)
     return parser
 
@@ -178,7 +364,10 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from featx.data import load_dataset
     from featx.extraction import extract
 
-    ds = load_dataset(args.dataset)
+    ds = load_dataset(args.dataset, allow_outside_root=args.allow_outside_root)
+    for note in ds.notes:
+        _err(f"  note: {note}")
+    _set_inference_env(args)
     results = extract(
         ds,
         splits=args.splits.split(",") if args.splits else None,
@@ -194,6 +383,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir,
         force=args.force,
         progress=_progress(args),
+        strict=args.strict,
+        allow_outside_root=args.allow_outside_root,
     )
     for r in results:
         for path, reason in r.failures[:5]:
@@ -220,6 +411,10 @@ def cmd_cache_ls(args: argparse.Namespace) -> int:
         return 0
     table = [["key", "dataset", "split", "backbone", "layer", "shape", "size", "created"]]
     for r in rows:
+        if r["status"].startswith("partial"):  # an interrupted extraction: the same command resumes it
+            row = [r["key"], r["dataset"], r["split"], r["backbone"], r["layer"], r["status"], f"{r['size_mb']:.1f} MB"]
+            table.append([str(c) for c in row] + [r["created"] or "-"])
+            continue
         if r["status"] != "complete":
             table.append([r["key"], r["file"], "-", "-", "-", "-", f"{r['size_mb']:.1f} MB", r["status"][:40]])
             continue
@@ -248,6 +443,22 @@ def cmd_cache_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache_verify(args: argparse.Namespace) -> int:
+    from featx.cache import resolve_cache_dir, verify_caches
+    from featx.errors import CacheError
+
+    results = verify_caches(args.refs or None, args.cache_dir)
+    if not results:
+        print(f"no caches in {resolve_cache_dir(args.cache_dir)}")
+        return 0
+    for path, ok, message in results:
+        print(f"ok       {path.name}: {message}" if ok else f"DAMAGED  {path.name}: {message}")
+    bad = sum(not ok for _, ok, _ in results)
+    if bad:
+        raise CacheError(f"{bad} of {len(results)} cache(s) damaged: delete them with `featx cache rm KEY` and extract again")
+    return 0
+
+
 def cmd_cache_rm(args: argparse.Namespace) -> int:
     from featx.cache import remove_caches
     from featx.errors import UsageError
@@ -271,11 +482,12 @@ def _resolve_head_caches(args: argparse.Namespace) -> tuple[dict[str, Any], str]
         if args.dataset:
             raise UsageError("give either a dataset or --train/--val/--test caches, not both")
         refs = {"train": args.train_cache, "val": args.val_cache, "test": args.test_cache}
-        sets = {name: load_cache(resolve_cache_path(ref, args.cache_dir)) for name, ref in refs.items() if ref}
-        return sets, str(sets["train"].attrs.get("dataset_name", "dataset"))
+        open_ = (lambda p: p) if getattr(args, "stream", False) else load_cache  # --stream: files, read in chunks later
+        sets = {name: open_(resolve_cache_path(ref, args.cache_dir)) for name, ref in refs.items() if ref}
+        return sets, str(_head_cache_attrs(sets["train"]).get("dataset_name", "dataset"))
     if not args.dataset:
         raise UsageError("give a dataset, or --train CACHE [--val CACHE] [--test CACHE]")
-    ds = load_dataset(args.dataset)
+    ds = load_dataset(args.dataset, allow_outside_root=args.allow_outside_root)
     options = {
         "backbone": args.backbone,
         "weights": args.weights,
@@ -288,7 +500,16 @@ def _resolve_head_caches(args: argparse.Namespace) -> tuple[dict[str, Any], str]
         extract(
             ds, device=args.device, batch_size=args.batch_size, num_workers=args.num_workers, progress=_progress(args), **options
         )
+    if getattr(args, "stream", False):
+        return dict(find_caches(ds, **options)), ds.name
     return {name: load_cache(path) for name, path in find_caches(ds, **options).items()}, ds.name
+
+
+def _head_cache_attrs(cache: Any) -> dict[str, Any]:
+    """Attributes of a loaded cache, or of a cache file (fit-head --stream does not load it)."""
+    from featx.cache import read_cache_attrs
+
+    return cache.attrs if hasattr(cache, "attrs") else read_cache_attrs(cache)
 
 
 def cmd_fit_head(args: argparse.Namespace) -> int:
@@ -305,9 +526,20 @@ def cmd_fit_head(args: argparse.Namespace) -> int:
     out_dir = Path(args.out_dir)
     rows = [["head", "best params", "val acc", "test acc", "macro-F1", "macro recall", "per-class acc", "fit s"]]
     summaries = {}
-    attrs = sets["train"].attrs
+    attrs = _head_cache_attrs(sets["train"])
+    device = None if args.device in (None, "auto") else args.device
     for kind in kinds:
-        head = fit_head(sets["train"], sets.get("val"), sets.get("test"), kind=kind, plan=plan, n_jobs=args.n_jobs)
+        head = fit_head(
+            sets["train"],
+            sets.get("val"),
+            sets.get("test"),
+            kind=kind,
+            plan=plan,
+            n_jobs=args.n_jobs,
+            solver=args.solver,
+            stream=args.stream,
+            device=device,
+        )
         stem = f"{ds_name}-{attrs['backbone'].replace(':', '_')}-{attrs['layer']}-{kind}"
         path = save_head(head, out_dir / f"{stem}.skops")
         summaries[kind] = {"path": str(path), **head_summary(head)}
@@ -385,9 +617,10 @@ def cmd_backbones(args: argparse.Namespace) -> int:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from featx.data import SplitPlan, load_dataset
-    from featx.finetuning import FinetuneConfig, finetune
+    from featx.errors import UsageError
+    from featx.finetuning import FinetuneConfig, finetune, finetune_search
 
-    ds = load_dataset(args.dataset)
+    ds = load_dataset(args.dataset, allow_outside_root=args.allow_outside_root)
     augment = () if args.augment.strip().lower() == "none" else tuple(a.strip() for a in args.augment.split(",") if a.strip())
     config = FinetuneConfig(
         strategy=args.strategy,
@@ -411,31 +644,72 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     )
     out_dir = Path(args.out_dir or f"runs/finetune/{ds.name}-{args.backbone.replace(':', '_')}-{args.strategy}")
     if args.layer != "pooled":
-        from featx.errors import UsageError
-
         raise UsageError("finetune trains on pooled features; --layer applies to extract and fit-head only")
-    result = finetune(
-        ds,
-        backbone=args.backbone,
-        weights=args.weights,
-        image_size=args.image_size,
-        config=config,
-        split_plan=SplitPlan(args.val_fraction, args.test_fraction, args.seed),
-        out_dir=out_dir,
-        resume=args.resume,
-        progress=_progress(args),
-    )
+    search = args.search or args.lr_grid is not None or args.wd_grid is not None
+    if search and args.selection == "rule":
+        raise UsageError("--selection rule uses no val labels, so it cannot search a grid (drop --lr-grid/--wd-grid/--search)")
+    if args.lr_grid is not None and 0 in args.lr_grid:
+        raise UsageError("--lr-grid values must be > 0")
+    common = {
+        "backbone": args.backbone,
+        "weights": args.weights,
+        "image_size": args.image_size,
+        "config": config,
+        "split_plan": SplitPlan(args.val_fraction, args.test_fraction, args.seed),
+        "out_dir": out_dir,
+        "resume": args.resume,
+        "progress": _progress(args),
+        "final_fit": args.final_fit,
+    }
+    if search:
+        grid = None
+        if args.lr_grid is not None or args.wd_grid is not None:
+            grid = {"lr": args.lr_grid or [args.lr], "weight_decay": args.wd_grid or [args.weight_decay]}
+        result = finetune_search(ds, grid=grid, **common)
+        rows = [["lr", "weight decay", "val acc", "best epoch", "epochs run", "s"]]
+        for r in result["grid"]:
+            rows.append(
+                [
+                    f"{r['lr']:g}",
+                    f"{r['weight_decay']:g}",
+                    f"{r['val_accuracy']:.3f}",
+                    str(r["best_epoch"]),
+                    str(r["epochs_run"]),
+                    f"{r['seconds']:.0f}",
+                ]
+            )
+        print(format_table(rows))
+        c = result["chosen"]
+        edge = " (at the edge of the lr grid)" if result["at_grid_edge"] else ""
+        print(f"chosen on val: lr {c['lr']:g}, weight decay {c['weight_decay']:g}, {c['epochs']} epochs{edge}\n")
+    else:
+        result = finetune(ds, selection=args.selection, **common)
     m = result["metrics"]
+    val = "-" if result["val_accuracy"] is None else f"{result['val_accuracy']:.3f}"
     print(
         format_table(
             [
-                ["strategy", "test acc", "macro-F1", "macro recall", "epochs", "wall s", "img/s", "peak MB", "trainable"],
+                [
+                    "strategy",
+                    "val acc",
+                    "test acc",
+                    "macro-F1",
+                    "macro recall",
+                    "epochs",
+                    "final fit",
+                    "wall s",
+                    "img/s",
+                    "peak MB",
+                    "trainable",
+                ],
                 [
                     result["strategy"],
+                    val,
                     f"{m['accuracy']:.3f}",
                     f"{m['macro_f1']:.3f}",
                     f"{m['macro_recall']:.3f}",
-                    str(result["epochs_run"]),
+                    f"best {result['best_epoch']} of {result['epochs_run']}/{result['epochs_budget']}",
+                    f"{result['final_fit']} ({result['n_fit']} images)",
                     f"{result['wall_seconds']:.0f}",
                     f"{result['train_images_per_s']:.1f}",
                     f"{result['peak_memory_mb']:.0f} ({result['memory_kind']})",
@@ -444,6 +718,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             ]
         )
     )
+    if result["still_improving"]:
+        print(f"val accuracy was still improving at the last epoch: try more than {result['epochs_budget']} epochs")
     print(f"result and checkpoint in {out_dir}/")
     return 0
 
@@ -451,10 +727,22 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from featx.bench import load_bench_config, run_bench
 
-    config = load_bench_config(args.config, quick=args.quick, datasets=args.dataset, backbones=args.backbone, device=args.device)
+    config = load_bench_config(
+        args.config,
+        quick=args.quick,
+        datasets=args.dataset,
+        backbones=args.backbone,
+        device=args.device,
+        final_fit=args.final_fit,
+    )
     out_dir = Path(args.out_dir or ("runs/bench-quick" if args.quick else "runs/bench"))
     outcome = run_bench(
-        config, out_dir=out_dir, cache_dir=args.cache_dir, progress=_progress(args), command="featx " + " ".join(sys.argv[1:])
+        config,
+        out_dir=out_dir,
+        cache_dir=args.cache_dir,
+        progress=_progress(args),
+        command="featx " + " ".join(sys.argv[1:]),
+        log_level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,  # cells' processes too
     )
     print(f"report: {outcome['report']}")
     if outcome["failed"]:
@@ -476,7 +764,10 @@ def format_table(rows: list[list[str]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a one-line usage error (exit 2): return the code, do not exit
+        return exc.code if isinstance(exc.code, int) else 2
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:

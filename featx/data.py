@@ -2,13 +2,23 @@
 
 Nothing here imports torch, so that cheap operations (cache look-ups, listing) stay fast. The
 :class:`ImageFiles` reader is a plain map-style dataset that a ``torch.utils.data.DataLoader`` accepts.
+
+Bad files never stop a run: a scan lists every path it finds (or a manifest names) without opening it,
+and reading one image returns a failure *reason* instead of raising. Reasons start with one of
+:data:`FAILURE_PREFIXES`; :func:`is_transient_failure` says which ones may go away by themselves.
+Paths are ``str``; bytes that are not UTF-8 in a file name are kept as surrogate escapes
+(``os.fsdecode``), and :func:`printable_path` turns such a path into UTF-8-safe text.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
+import io
 import os
+import stat
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +31,70 @@ from featx.errors import DataError
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 SPLIT_NAMES = ("train", "val", "test")
 SAMPLE_DATASET = Path(__file__).parent / "sample_data" / "clothing10"
+
+#: Largest image featx decodes, in pixels (width x height): Pillow's own hard limit for decompression
+#: bombs (2 x ``PIL.Image.MAX_IMAGE_PIXELS`` = 178,956,970, about 13,400 x 13,400; ~540 MB as 8-bit RGB),
+#: fixed here so that a changed Pillow default does not change what featx accepts. Larger images are
+#: recorded as "too large: ...". The environment variable ``FEATX_MAX_IMAGE_PIXELS`` can lower it.
+MAX_IMAGE_PIXELS = 178_956_970
+#: Largest image *file* featx reads (1 GiB): each decode reads the whole file into memory first.
+MAX_FILE_BYTES = 1 << 30
+#: Longest side / shortest side beyond which an image is "too large": resizing the short side of a
+#: 1 x 60,000 strip to 256 px would need gigabytes, in a decode worker that the OOM killer then takes.
+MAX_ASPECT_RATIO = 100
+#: Pillow formats featx decodes, whatever the extension says (a .jpg holding a PNG is fine; MPO camera
+#: files open as JPEG). Other plugins (EPS runs Ghostscript, for one) are never tried on scanned files.
+DECODE_FORMATS = ("JPEG", "PNG", "BMP", "DIB", "WEBP", "TIFF", "GIF")
+
+#: Every failure reason starts with one of these.
+FAILURE_PREFIXES = (
+    "missing: ",  # not there when read, and not there at the scan either (dangling symlink, manifest row)
+    "vanished: ",  # listed by the scan, gone when read
+    "permission denied: ",
+    "not a file: ",  # a folder, FIFO, socket or device named like an image; a symlink loop
+    "decode error: ",  # not an image, truncated, corrupt, an unsupported mode
+    "too large: ",  # over MAX_IMAGE_PIXELS / MAX_FILE_BYTES, or out of memory decoding
+    "i/o error: ",  # the operating system failed to read it (EIO, a stale network mount...)
+)
+# Failures that can change without the file's content changing; older caches wrote exception names.
+_TRANSIENT_PREFIXES = ("missing:", "vanished:", "permission denied:", "i/o error:", "FileNotFoundError", "PermissionError")
+
+
+def is_transient_failure(reason: str) -> bool:
+    """True for a failure that may go away by itself (a permission, a missing or vanished file, an I/O
+    error): a complete cache re-tries exactly those rows. Decode errors and too-large images are final."""
+    return reason.startswith(_TRANSIENT_PREFIXES)
+
+
+def printable_path(p: str | bytes | os.PathLike[Any]) -> str:
+    """``p`` as valid UTF-8 text: bytes of a non-UTF-8 file name become ``\\xNN`` (backslashreplace).
+
+    Use it wherever a path leaves Python (HDF5 strings, JSON, messages); keep the original ``str`` to
+    open the file.
+    """
+    s = os.fspath(p)
+    if isinstance(s, bytes):
+        return s.decode("utf-8", "backslashreplace")
+    try:
+        raw = s.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that is not an escaped byte
+        return s.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def _key_bytes(s: str) -> bytes:
+    """Bytes of ``s`` for hashing: the file name's own bytes for surrogate-escaped names, never an error."""
+    try:
+        return s.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "surrogatepass")
+
+
+class AbsentPath(str):
+    """A path that did not exist when the dataset was scanned (a manifest row naming nothing). Decoding it
+    fails as "missing: ..." rather than "vanished: ..."; otherwise an ordinary ``str``."""
+
+    __slots__ = ()
 
 
 @dataclass(frozen=True)
@@ -43,10 +117,14 @@ class Split:
         changes it. Cheap (one ``stat`` per file), so it can run on every command.
         """
         h = hashlib.sha256()
-        h.update("\x1f".join(self.classes).encode())
+        h.update(_key_bytes("\x1f".join(self.classes)))
         for rel, label in zip(self.paths, self.labels.tolist()):
-            st = os.stat(self.root / rel)
-            h.update(f"\x1e{rel}\x1f{label}\x1f{st.st_size}\x1f{st.st_mtime_ns}".encode())
+            try:
+                st = os.stat(self.root / rel)
+                state = f"{st.st_size}\x1f{st.st_mtime_ns}"
+            except (OSError, ValueError) as exc:  # missing, dangling, unreadable folder: a failure later, not here
+                state = "!" + errno.errorcode.get(getattr(exc, "errno", None) or 0, type(exc).__name__)
+            h.update(_key_bytes(f"\x1e{rel}\x1f{label}\x1f{state}"))
         return h.hexdigest()
 
     def subset(self, indices: Sequence[int] | np.ndarray, name: str | None = None) -> Split:
@@ -80,11 +158,14 @@ class ImageDataset:
         return self.splits[name]
 
 
-def load_dataset(path: str | os.PathLike[str]) -> ImageDataset:
+def load_dataset(path: str | os.PathLike[str], *, allow_outside_root: bool = False) -> ImageDataset:
     """Read an ImageFolder tree (``root/<class>/<img>``, optionally under ``train``/``val``/``test``)
     or a CSV manifest (``path,label[,split]``, paths relative to the CSV's folder).
 
-    A tree without split folders becomes a single ``train`` split.
+    A tree without split folders becomes a single ``train`` split. A CSV path that resolves outside the
+    CSV's folder (``../x.jpg``, an absolute path elsewhere, a symlink out) is refused unless
+    ``allow_outside_root``: a manifest from someone else must not make featx read arbitrary files.
+    No single bad path raises: it becomes a position whose decode reports why it failed.
     """
     p = Path(path).expanduser()
     if not p.exists():
@@ -92,7 +173,7 @@ def load_dataset(path: str | os.PathLike[str]) -> ImageDataset:
     if p.is_file():
         if p.suffix.lower() != ".csv":
             raise DataError(f"dataset must be a folder or a .csv manifest, got file {p}")
-        return _load_csv(p)
+        return _load_csv(p, allow_outside_root=allow_outside_root)
     return _load_imagefolder(p)
 
 
@@ -100,24 +181,63 @@ def _is_image(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_EXTENSIONS and not name.startswith(".")
 
 
-def _scan_class_folders(split_dir: Path) -> tuple[dict[str, list[str]], int]:
-    """Map class name -> sorted relative image paths (relative to ``split_dir``'s parent's root later)."""
+def _walk_images(top: str, notes: list[str]) -> tuple[list[str], int]:
+    """Image paths under ``top`` (recursive, symlinks followed, each real folder once) and the number of
+    non-image files. Nothing is opened: dangling symlinks, FIFOs and folders named like images are listed
+    and fail later with a reason. Folders that cannot be listed are noted, not fatal."""
+    files: list[str] = []
+    ignored = 0
+    seen: set[tuple[int, int]] = set()
+
+    def unlistable(err: OSError) -> None:
+        notes.append(f"could not list {printable_path(err.filename or top)}: {err.strerror or err}")
+
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True, onerror=unlistable):
+        try:
+            st = os.stat(dirpath)
+            ident = (st.st_dev, st.st_ino)
+        except OSError:
+            ident = None
+        if ident is not None:
+            if ident in seen:  # a symlink loop or a second link to the same folder: its files are listed once
+                dirnames[:] = []
+                continue
+            seen.add(ident)
+        subdirs: list[str] = []
+        named_like_images: list[str] = []
+        for d in dirnames:
+            if d.startswith("."):
+                continue
+            (named_like_images if _is_image(d) else subdirs).append(d)
+        dirnames[:] = sorted(subdirs)
+        for fn in sorted([*filenames, *named_like_images]):
+            if _is_image(fn):
+                files.append(os.path.join(dirpath, fn))
+            elif not fn.startswith("."):
+                ignored += 1
+    return files, ignored
+
+
+def _scan_class_folders(split_dir: Path, notes: list[str]) -> tuple[dict[str, list[str]], int]:
+    """Map class name -> sorted image paths under ``split_dir/<class>``."""
     classes: dict[str, list[str]] = {}
     ignored = 0
-    for entry in sorted(os.scandir(split_dir), key=lambda e: e.name):
+    try:
+        entries = sorted(os.scandir(split_dir), key=lambda e: e.name)
+    except OSError as exc:
+        raise DataError(f"cannot list {printable_path(split_dir)}: {exc.strerror or exc}") from None
+    for entry in entries:
         if entry.name.startswith("."):
             continue
         if not entry.is_dir():
             ignored += 1
             continue
-        files: list[str] = []
-        for dirpath, dirnames, filenames in os.walk(entry.path, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for fn in sorted(filenames):
-                if _is_image(fn):
-                    files.append(os.path.join(dirpath, fn))
-                elif not fn.startswith("."):
-                    ignored += 1
+        try:
+            os.listdir(entry.path)
+        except OSError as exc:
+            raise DataError(f"cannot list class folder {printable_path(entry.path)}: {exc.strerror or exc}") from None
+        files, n_ignored = _walk_images(entry.path, notes)
+        ignored += n_ignored
         classes[entry.name] = files
     return classes, ignored
 
@@ -130,12 +250,13 @@ def _load_imagefolder(root: Path) -> ImageDataset:
         raise DataError(f"{root} has {', '.join(split_dirs)} folders but no 'train' folder")
     scanned: dict[str, dict[str, list[str]]] = {}
     ignored = 0
+    notes: list[str] = []
     for name, d in split_dirs.items():
-        by_class, n_ignored = _scan_class_folders(d)
+        by_class, n_ignored = _scan_class_folders(d, notes)
         ignored += n_ignored
         if not by_class:
             raise DataError(f"no class folders in {d} (expected {d}/<class>/<image>)")
-        empty = [c for c, files in by_class.items() if not files]
+        empty = [printable_path(c) for c, files in by_class.items() if not files]
         if empty:
             raise DataError(f"class folder(s) with no images in {d}: {', '.join(empty[:5])}")
         scanned[name] = by_class
@@ -144,7 +265,7 @@ def _load_imagefolder(root: Path) -> ImageDataset:
     for name, by_class in scanned.items():
         unknown = sorted(set(by_class) - set(classes))
         if unknown:
-            raise DataError(f"split '{name}' has classes not in train: {', '.join(unknown[:5])}")
+            raise DataError(f"split '{name}' has classes not in train: {', '.join(printable_path(u) for u in unknown[:5])}")
         paths: list[str] = []
         labels: list[int] = []
         for ci, c in enumerate(classes):
@@ -152,23 +273,66 @@ def _load_imagefolder(root: Path) -> ImageDataset:
                 paths.append(Path(os.path.relpath(f, root)).as_posix())
                 labels.append(ci)
         splits[name] = Split(name, root, tuple(paths), np.asarray(labels, dtype=np.int64), classes)
-    return ImageDataset(root, root.name, classes, splits, "imagefolder", ignored)
+    return ImageDataset(root, root.name, classes, splits, "imagefolder", ignored, notes)
 
 
-def _load_csv(csv_path: Path) -> ImageDataset:
-    root = csv_path.parent
-    with open(csv_path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
+def _read_csv_rows(csv_path: Path, required: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
+    """(line number, row with lower-cased keys) for each data row. The file must be UTF-8 (a BOM is
+    fine); anything else is a one-line error that says how to fix it."""
+    try:
+        data = csv_path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read {printable_path(csv_path)}: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DataError(f"CSV {printable_path(csv_path)} is not UTF-8 (line {line}): save it as UTF-8") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    rows: list[tuple[int, dict[str, str]]] = []
+    try:
         fields = [f.strip().lower() for f in (reader.fieldnames or [])]
-        if "path" not in fields or "label" not in fields:
-            raise DataError(f"{csv_path}: header must contain 'path' and 'label' (got {fields or 'nothing'})")
-        rows = [{k.strip().lower(): (v or "").strip() for k, v in r.items() if k} for r in reader]
+        missing = [c for c in required if c not in fields]
+        if missing:
+            need = " and ".join(f"'{c}'" for c in required)
+            raise DataError(f"{csv_path}: header must contain {need} (got {fields or 'nothing'})")
+        for r in reader:
+            row = {k.strip().lower(): (v if isinstance(v, str) else "").strip() for k, v in r.items() if k}
+            rows.append((reader.line_num, row))
+    except csv.Error as exc:
+        raise DataError(f"{csv_path}:{reader.line_num}: not a valid CSV row: {exc}") from None
+    return rows
+
+
+def _outside_root(root_real: str, path: str) -> bool:
+    """Whether ``path`` (already joined to the CSV's folder) resolves, symlinks included, outside ``root_real``."""
+    try:
+        target = os.path.realpath(path)
+    except (OSError, ValueError):
+        return True
+    return os.path.commonpath([root_real, target]) != root_real
+
+
+def _confine(csv_path: Path, outside: list[tuple[int, str]]) -> None:
+    if outside:
+        line, rel = outside[0]
+        raise DataError(
+            f"{csv_path}: {len(outside)} path(s) resolve outside the CSV's folder {csv_path.parent}, e.g. line {line} "
+            f"'{printable_path(rel)}'; refusing to read them (--allow-outside-root, or allow_outside_root=True, permits it)"
+        )
+
+
+def _load_csv(csv_path: Path, *, allow_outside_root: bool = False) -> ImageDataset:
+    root = csv_path.parent
+    root_real = os.path.realpath(root)
+    rows = _read_csv_rows(csv_path, ("path", "label"))
     if not rows:
         raise DataError(f"{csv_path}: no rows")
     per_split: dict[str, list[tuple[str, str]]] = {}
-    missing: list[str] = []
+    outside: list[tuple[int, str]] = []
+    absent = 0
     ignored = 0
-    for line, r in enumerate(rows, start=2):
+    for line, r in rows:
         rel, label, split = r.get("path", ""), r.get("label", ""), r.get("split", "") or "train"
         if not rel or not label:
             raise DataError(f"{csv_path}:{line}: empty path or label")
@@ -177,12 +341,19 @@ def _load_csv(csv_path: Path) -> ImageDataset:
         if not _is_image(Path(rel).name):
             ignored += 1
             continue
-        if not (root / rel).is_file():
-            missing.append(rel)
+        full = os.path.join(root, rel)
+        if not allow_outside_root and _outside_root(root_real, full):
+            outside.append((line, rel))
             continue
-        per_split.setdefault(split, []).append((Path(rel).as_posix(), label))
-    if missing:
-        raise DataError(f"{csv_path}: {len(missing)} listed file(s) not found, e.g. {', '.join(missing[:3])}")
+        rel = Path(rel).as_posix()
+        try:
+            exists = os.path.lexists(full)
+        except ValueError:  # a NUL byte: it cannot exist
+            exists = False
+        if not exists:
+            rel, absent = AbsentPath(rel), absent + 1
+        per_split.setdefault(split, []).append((rel, label))
+    _confine(csv_path, outside)
     if "train" not in per_split:
         raise DataError(f"{csv_path}: no images in the 'train' split")
     classes = tuple(sorted({lab for _, lab in per_split["train"]}))
@@ -196,60 +367,217 @@ def _load_csv(csv_path: Path) -> ImageDataset:
             raise DataError(f"{csv_path}: split '{name}' has labels not in train: {', '.join(unknown[:5])}")
         items = per_split[name]
         splits[name] = Split(name, root, tuple(p for p, _ in items), np.asarray([index[lab] for _, lab in items]), classes)
-    return ImageDataset(root, csv_path.stem, classes, splits, "csv", ignored)
+    notes = [f"{absent} listed file(s) not found; they are recorded as failures"] if absent else []
+    return ImageDataset(root, csv_path.stem, classes, splits, "csv", ignored, notes)
 
 
-def list_images(inputs: Sequence[str | os.PathLike[str]]) -> tuple[Path, list[str], int]:
+def list_images(inputs: Sequence[str | os.PathLike[str]], *, allow_outside_root: bool = False) -> tuple[Path, list[str], int]:
     """Unlabelled images for prediction: files, folders (searched recursively) or a CSV with a ``path``
-    column. Returns a common root, paths relative to it, and the number of non-image files ignored."""
-    files: list[Path] = []
+    column. Returns a common root, paths relative to it, and the number of non-image files ignored.
+
+    An input named on the command line must exist; what a folder or CSV lists is never checked here
+    (a bad entry fails at decode with a reason). CSV paths outside the CSV's folder are refused unless
+    ``allow_outside_root``.
+    """
+    files: list[str] = []  # absolute, normalised, symlinks not followed (a dangling one stays recognisable)
+    absent: set[str] = set()
     ignored = 0
     for item in inputs:
         p = Path(item).expanduser()
-        if not p.exists():
+        if not os.path.lexists(p):
             raise DataError(f"not found: {p}")
         if p.is_file() and p.suffix.lower() == ".csv":
-            with open(p, newline="", encoding="utf-8") as fh:
-                reader = csv.DictReader(fh)
-                if "path" not in [f.strip().lower() for f in (reader.fieldnames or [])]:
-                    raise DataError(f"{p}: header must contain a 'path' column")
-                for r in reader:
-                    rel = {k.strip().lower(): v for k, v in r.items() if k}["path"].strip()
-                    files.append((p.parent / rel).resolve())
-        elif p.is_file():
-            if _is_image(p.name):
-                files.append(p.resolve())
-            else:
-                ignored += 1
+            base = os.path.abspath(p.parent)
+            base_real = os.path.realpath(base)
+            outside: list[tuple[int, str]] = []
+            for line, r in _read_csv_rows(p, ("path",)):
+                rel = r.get("path", "")
+                if not rel:
+                    raise DataError(f"{p}:{line}: empty path")
+                full = os.path.normpath(os.path.join(base, rel))
+                if not allow_outside_root and _outside_root(base_real, full):
+                    outside.append((line, rel))
+                    continue
+                try:
+                    exists = os.path.lexists(full)
+                except ValueError:
+                    exists = False
+                if not exists:
+                    absent.add(full)
+                files.append(full)
+            _confine(p, outside)
+        elif p.is_dir():
+            found, n_ignored = _walk_images(str(p), [])
+            files.extend(os.path.abspath(f) for f in found)
+            ignored += n_ignored
+        elif _is_image(p.name):  # a file, or something that fails at decode with its reason
+            files.append(os.path.abspath(p))
         else:
-            for dirpath, dirnames, filenames in os.walk(p, followlinks=True):
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                for fn in sorted(filenames):
-                    if _is_image(fn):
-                        files.append(Path(dirpath, fn).resolve())
-                    elif not fn.startswith("."):
-                        ignored += 1
+            ignored += 1
     if not files:
         raise DataError("no images found in " + ", ".join(str(i) for i in inputs))
-    root = Path(os.path.commonpath([str(f.parent) for f in files]))
-    return root, [f.relative_to(root).as_posix() for f in files], ignored
+    root = os.path.commonpath([os.path.dirname(f) for f in files])
+    rel = [Path(os.path.relpath(f, root)).as_posix() for f in files]
+    return Path(root), [AbsentPath(r) if f in absent else r for r, f in zip(rel, files)], ignored
 
 
 # --------------------------------------------------------------------------------------------------
 # Decoding
 
 
+class _Failure(Exception):
+    """Internal: reading an image failed; ``str(exc)`` is the reason (starts with a FAILURE_PREFIXES entry)."""
+
+
+def max_image_pixels() -> int:
+    """The decode limit in pixels: ``FEATX_MAX_IMAGE_PIXELS`` when set to a positive integer below
+    MAX_IMAGE_PIXELS (it can only lower the limit: Pillow refuses larger images anyway), else MAX_IMAGE_PIXELS."""
+    raw = os.environ.get("FEATX_MAX_IMAGE_PIXELS", "")
+    try:
+        value = int(raw)
+    except ValueError:
+        return MAX_IMAGE_PIXELS
+    return min(value, MAX_IMAGE_PIXELS) if value > 0 else MAX_IMAGE_PIXELS
+
+
+_KIND_NAMES = {
+    stat.S_IFDIR: "a folder",
+    stat.S_IFIFO: "a FIFO (named pipe)",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}"[:300] if text else type(exc).__name__
+
+
+def _os_failure(exc: OSError | ValueError, path: str, absent_at_scan: bool) -> _Failure:
+    """The reason for an ``open``/``read`` that failed at the operating-system level."""
+    if isinstance(exc, ValueError):  # "embedded null byte"
+        return _Failure("not a file: the path contains a NUL byte")
+    code = exc.errno
+    if code in (errno.ENOENT, errno.ENOTDIR):
+        if os.path.islink(path):
+            try:
+                target = printable_path(os.readlink(path))
+            except OSError:
+                target = "?"
+            return _Failure(f"missing: dangling symlink to {target}")
+        if absent_at_scan:
+            return _Failure("missing: no such file (it was not there when the dataset was scanned either)")
+        return _Failure("vanished: no such file any more (deleted or moved after the scan)")
+    if code in (errno.EACCES, errno.EPERM):
+        return _Failure("permission denied: cannot open it for reading (check the file's and its folders' permissions)")
+    if code == errno.ELOOP:
+        return _Failure("not a file: a symlink loop")
+    if code == errno.EISDIR:
+        return _Failure("not a file: a folder")
+    if code == errno.ENXIO:
+        return _Failure("not a file: a socket or device without a reader")
+    if code == errno.ENAMETOOLONG:
+        return _Failure("not a file: the name is too long for the file system")
+    if code == errno.ESTALE:
+        return _Failure(f"vanished: {exc.strerror or 'stale file handle'}")
+    return _Failure(f"i/o error: {exc.strerror or _describe(exc)} (errno {errno.errorcode.get(code or 0, code)})")
+
+
+def _read_file(path: str, absent_at_scan: bool = False) -> bytes:
+    """The file's bytes, or a _Failure. Opened non-blocking and checked with ``fstat`` before any read,
+    so a FIFO or device named like an image never blocks, and a file swapped after the check is harmless."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except (OSError, ValueError) as exc:
+        raise _os_failure(exc, path, absent_at_scan) from None
+    try:
+        try:
+            st = os.fstat(fd)
+            kind = stat.S_IFMT(st.st_mode)
+            if kind != stat.S_IFREG:
+                raise _Failure(f"not a file: {_KIND_NAMES.get(kind, 'not a regular file')}")
+            if st.st_size > MAX_FILE_BYTES:
+                raise _Failure(f"too large: the file has {st.st_size:,} bytes (featx reads at most {MAX_FILE_BYTES:,})")
+            chunks: list[bytes] = []
+            total = 0
+            want = max(st.st_size, 1 << 16) + 1
+            while True:
+                block = os.read(fd, want)
+                if not block:
+                    break
+                chunks.append(block)
+                total += len(block)
+                if total > MAX_FILE_BYTES:
+                    raise _Failure(f"too large: the file has more than {MAX_FILE_BYTES:,} bytes")
+                want = 1 << 20
+            return b"".join(chunks)
+        except OSError as exc:
+            raise _os_failure(exc, path, absent_at_scan) from None
+    finally:
+        os.close(fd)
+
+
+def _decode(data: bytes, draft_size: int | None) -> Any:
+    from PIL import Image, ImageOps
+
+    if not data:
+        raise _Failure("decode error: the file is empty (0 bytes)")
+    limit = max_image_pixels()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow's per-file warnings (bomb threshold, odd EXIF, palettes) are noise here
+        try:
+            im = Image.open(io.BytesIO(data), formats=DECODE_FORMATS)
+        except Image.DecompressionBombError as exc:
+            raise _Failure(f"too large: {exc}") from None
+        except Image.UnidentifiedImageError:  # its message holds a memory address; reasons must be reproducible
+            raise _Failure(f"decode error: not a {', '.join(DECODE_FORMATS)} image") from None
+        width, height = im.size
+        if width * height > limit:
+            raise _Failure(f"too large: {width}x{height} pixels (featx decodes at most {limit:,} pixels)")
+        if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):
+            ratio = f"more than {MAX_ASPECT_RATIO}:1"
+            raise _Failure(f"too large: {width}x{height} pixels is {ratio} (resizing its short side would need gigabytes)")
+        if draft_size and im.format == "JPEG":
+            im.draft("RGB", (draft_size, draft_size))
+        try:
+            im.load()
+        except Image.DecompressionBombError as exc:
+            raise _Failure(f"too large: {exc}") from None
+        try:
+            im = ImageOps.exif_transpose(im)
+        except Exception:  # corrupt EXIF: the pixels are fine, keep them as stored
+            pass
+        return to_rgb(im)
+
+
+def read_image(path: str | os.PathLike[str], draft_size: int | None = None, *, absent_at_scan: bool = False) -> tuple[Any, str]:
+    """``(RGB PIL image, "")``, or ``(None, reason)`` when ``path`` cannot become an image. Never raises
+    (short of KeyboardInterrupt): hostile bytes, odd files and vanished paths all become a reason."""
+    p = os.fspath(path)
+    try:
+        return _decode(_read_file(p, absent_at_scan), draft_size), ""
+    except _Failure as f:
+        reason = str(f)
+    except MemoryError:
+        reason = "too large: out of memory while decoding"
+    except Exception as exc:  # any decoder error on hostile bytes is a decode error
+        reason = f"decode error: {_describe(exc)}"
+    return None, printable_path(" ".join(reason.split()))
+
+
 def load_image(path: str | os.PathLike[str], draft_size: int | None = None) -> Any:
     """Open an image as 8-bit RGB: EXIF orientation applied, transparency composited on white,
     16-bit / float / CMYK / palette / grayscale converted. ``draft_size`` lets JPEG decode at a
-    reduced scale when the image is much larger than needed (never below ``draft_size``)."""
-    from PIL import Image, ImageOps
+    reduced scale when the image is much larger than needed (never below ``draft_size``).
 
-    with Image.open(path) as im:
-        if draft_size and im.format == "JPEG":
-            im.draft("RGB", (draft_size, draft_size))
-        im = ImageOps.exif_transpose(im)
-        return to_rgb(im)
+    Raises :class:`DataError` ("<path>: <reason>") when it cannot; :func:`read_image` returns the reason instead.
+    """
+    image, reason = read_image(path, draft_size)
+    if image is None:
+        raise DataError(f"{printable_path(path)}: {reason}")
+    return image
 
 
 def to_rgb(im: Any) -> Any:
@@ -276,8 +604,9 @@ class ImageFiles:
     """Map-style dataset over image files, for a ``DataLoader``.
 
     Items are ``(image, label, index, error)``: a file that cannot be decoded yields a zero image of
-    the right shape and a non-empty ``error`` string instead of raising, so one bad file never stops
-    a batched run; the caller records it. ``transform`` maps a PIL image to a tensor.
+    the right shape and a non-empty ``error`` string (a reason from :data:`FAILURE_PREFIXES`) instead of
+    raising, so one bad file never stops a batched run; the caller records it. ``transform`` maps a PIL
+    image to a tensor; if it fails on an image, that is a decode error too.
     """
 
     def __init__(
@@ -303,14 +632,19 @@ class ImageFiles:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[Any, int, int, str]:
-        try:
-            image = self.transform(load_image(self.root / self.paths[i], self.draft_size))
-            error = ""
-        except Exception as exc:
+        rel = self.paths[i]
+        image, error = read_image(self.root / rel, self.draft_size, absent_at_scan=isinstance(rel, AbsentPath))
+        if image is not None:
+            try:
+                image = self.transform(image)
+            except MemoryError:
+                error = "too large: out of memory while preprocessing"
+            except Exception as exc:  # a transform that chokes on one image must not stop the run
+                error = printable_path(f"decode error: {_describe(exc)}")
+        if error:
             import torch
 
             image = torch.zeros(self.failed_shape or (3, 1, 1))
-            error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
         return image, int(self.labels[i]), int(self.indices[i]), error
 
 

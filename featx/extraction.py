@@ -1,16 +1,29 @@
-"""Feature extraction into HDF5 caches: one cache per split, found by key, written by dataset position.
+"""Feature extraction into HDF5 caches: one cache per split, found by key, built from a crash-safe journal.
 
-The batched forward itself lives in :mod:`featx.inference`; this module decides what to compute
-(cache hits, keys, locks) and where the rows go.
+The batched forward itself lives in :mod:`featx.inference`; this module decides what to compute (cache hits,
+keys, locks, resuming an interrupted run, re-trying failures that may have gone away) and where the rows go.
+
+A run writes finished row chunks into the split's journal (``<name>.partial/``, see :mod:`featx.cache`) from
+a background thread while the model computes the next ones. A kill at any moment loses at most the chunks in
+flight; the same command then checks the journal, keeps every whole chunk, computes the rest with the
+journal's batch size (chunk boundaries are multiples of it, so the batches are those of an uninterrupted run
+and the cache is bit-identical on the CPU) and assembles the cache.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
+import queue
+import signal
+import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -23,12 +36,43 @@ from featx.backbones import (
     build_embedder,
     resolve_embedder,
 )
-from featx.cache import CacheSpec, CacheWriter, base_attrs, cache_filename, find_cache, resolve_cache_dir
-from featx.data import ImageDataset, Split, load_dataset
-from featx.errors import DataError, UsageError
+from featx.cache import (
+    CacheJournal,
+    CacheReader,
+    CacheSpec,
+    Chunk,
+    base_attrs,
+    cache_filename,
+    find_cache,
+    lock_path,
+    read_cache_attrs,
+    read_failures,
+    resolve_cache_dir,
+    tmp_path,
+    write_cache_file,
+    write_error,
+)
+from featx.data import ImageDataset, Split, is_transient_failure, load_dataset, printable_path
+from featx.errors import CacheError, DataError, FeatxError, UsageError
 from featx.inference import compute_features, default_batch_size, iter_features  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
+
+#: Rows per journal chunk: the smallest multiple of the batch size that is at least this many rows.
+#: Small enough that a kill loses little (about a second of CPU work at the default batch size of 16),
+#: large enough that a 100k-image split is a few thousand files.
+CHUNK_MIN_ROWS = 32
+#: Chunks waiting for the writer thread: the model runs ahead by at most this many.
+WRITE_QUEUE_DEPTH = 2
+
+
+class ExtractionInterrupted(FeatxError):
+    """SIGINT or SIGTERM during extraction. The journal is kept: the same command resumes it.
+    Exit code 130 (SIGINT) or 143 (SIGTERM)."""
+
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass(frozen=True)
@@ -42,12 +86,21 @@ class ExtractResult:
     seconds: float
     images_per_s: float
     failures: tuple[tuple[str, str], ...] = ()
+    resumed_at: int = 0  # rows taken from an interrupted run's journal
+    retried: int = 0  # earlier transient failures computed again (cache hit otherwise)
+    notes: tuple[str, ...] = field(default=())
 
     def summary(self) -> str:
         if self.hit:
             return f"{self.split}: cache hit {self.path.name} ({self.n_images} images, no model run)"
+        if self.retried:
+            return (
+                f"{self.split}: re-tried {self.retried} earlier failure(s), {self.n_failed} image(s) still skipped, "
+                f"{self.seconds:.1f} s -> {self.path.name}"
+            )
+        what = f"resumed at {self.resumed_at} of {self.n_images} images" if self.resumed_at else f"{self.n_images} images"
         return (
-            f"{self.split}: {self.n_images} images, {self.n_failed} skipped, {self.seconds:.1f} s "
+            f"{self.split}: {what}, {self.n_failed} skipped, {self.seconds:.1f} s "
             f"({self.images_per_s:.1f} img/s) -> {self.path.name}"
         )
 
@@ -55,6 +108,11 @@ class ExtractResult:
 def cache_spec(split: Split, embedder: EmbedderSpec) -> CacheSpec:
     """The key ingredients of one split's cache, computed without building the model."""
     return CacheSpec(dataset_fingerprint=split.fingerprint(), split=split.name, embedder=embedder)
+
+
+def chunk_rows_for(batch_size: int) -> int:
+    """Rows per journal chunk for this batch size (a multiple of it, so resumed batches line up)."""
+    return batch_size * max(1, -(-CHUNK_MIN_ROWS // batch_size))
 
 
 def find_caches(
@@ -69,9 +127,6 @@ def find_caches(
 ) -> dict[str, Path]:
     """The existing cache of every split of ``dataset`` for these options, found by key (no model is
     built). A split without a cache raises :class:`CacheError` saying which command makes it."""
-    from featx.cache import find_cache
-    from featx.errors import CacheError
-
     ds = dataset if isinstance(dataset, ImageDataset) else load_dataset(dataset)
     cdir = resolve_cache_dir(cache_dir)
     embedder = resolve_embedder(backbone, weights, layer=layer, image_size=image_size, precision=precision)
@@ -85,6 +140,174 @@ def find_caches(
             )
         found[name] = path
     return found
+
+
+# --------------------------------------------------------------------------------------------------
+# Locks and signals
+
+
+_HELD_LOCK_FDS: set[int] = set()
+_SIGTERM_HANDLER: list[Any] = []  # our handler while one is installed
+
+
+def _after_fork_in_child() -> None:
+    """A forked DataLoader worker must not keep the parent's key lock (a worker orphaned by a kill would
+    hold it for seconds) nor its SIGTERM handler (workers are stopped with SIGTERM)."""
+    for fd in list(_HELD_LOCK_FDS):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCK_FDS.clear()
+    if _SIGTERM_HANDLER:
+        with contextlib.suppress(Exception):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _KeyLock:
+    """An exclusive lock per cache key in ``<cache_dir>/.locks/`` (flock; released by the kernel when the
+    process dies, never inherited by forked workers). Falls back to filelock where flock is missing."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+        self._fallback: Any = None
+
+    def __enter__(self) -> _KeyLock:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise CacheError(f"cannot use cache folder {self.path.parent.parent}: {exc.strerror or exc}") from None
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover  (Windows)
+            os.close(fd)
+            from filelock import FileLock
+
+            self._fallback = FileLock(str(self.path))
+            self._fallback.acquire()
+            return self
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("waiting for another featx run on the same cache (%s)", self.path.name)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        _HELD_LOCK_FDS.add(fd)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fallback is not None:  # pragma: no cover
+            self._fallback.release()
+        if self._fd is not None:
+            _HELD_LOCK_FDS.discard(self._fd)
+            os.close(self._fd)
+            self._fd = None
+
+
+class _Terminated(BaseException):
+    """Raised in the main thread by our SIGTERM handler."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While extracting, SIGTERM unwinds like Ctrl-C (the writer drains, the journal stays)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise _Terminated()
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError):  # pragma: no cover
+        yield
+        return
+    _SIGTERM_HANDLER.append(handler)
+    try:
+        yield
+    finally:
+        _SIGTERM_HANDLER.remove(handler)
+        signal.signal(signal.SIGTERM, old)
+
+
+def _prepare_cache_dir(cdir: Path) -> None:
+    try:
+        cdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CacheError(f"cannot use cache folder {cdir}: {exc.strerror or exc}") from None
+    if not cdir.is_dir():
+        raise CacheError(f"cannot use cache folder {cdir}: not a directory")
+
+
+# --------------------------------------------------------------------------------------------------
+# The writer thread
+
+
+class _ChunkWriter:
+    """Writes journal chunks in a background thread so that disk waits overlap the next batches.
+
+    The queue is bounded (the model runs at most ``depth`` chunks ahead); an error in the thread is
+    raised in the caller's thread at the next :meth:`put` or at :meth:`close`.
+    """
+
+    def __init__(self, journal: CacheJournal, depth: int = WRITE_QUEUE_DEPTH) -> None:
+        self.journal = journal
+        self.written: dict[int, Path] = {}
+        self._q: queue.Queue[Chunk | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._failed_chunk = -1
+        self._thread = threading.Thread(target=self._run, name="featx-journal-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            chunk = self._q.get()
+            if chunk is None:
+                return
+            if self._error is not None:
+                continue  # keep draining so that put() never blocks forever
+            try:
+                self.written[chunk.index] = self.journal.write_chunk(chunk)
+            except BaseException as exc:  # re-raised in the caller's thread
+                self._error, self._failed_chunk = exc, chunk.index
+
+    def _check(self) -> None:
+        if self._error is None:
+            return
+        exc = self._error
+        target = self.journal.dir / f"chunk-{self._failed_chunk:09d}"
+        hint = f" (finished chunks are kept in {self.journal.dir}: free space and run the same command again to resume)"
+        if isinstance(exc, OSError):
+            raise write_error(exc, target, hint) from None
+        raise exc
+
+    def put(self, chunk: Chunk) -> None:
+        self._check()
+        while True:
+            try:
+                self._q.put(chunk, timeout=0.2)
+                return
+            except queue.Full:
+                self._check()
+
+    def close(self) -> None:
+        """Write what is queued, stop the thread, raise its error if any."""
+        self._q.put(None)
+        self._thread.join()
+        self._check()
+
+
+# --------------------------------------------------------------------------------------------------
+# extract()
 
 
 def extract(
@@ -103,67 +326,119 @@ def extract(
     cache_dir: str | Path | None = None,
     force: bool = False,
     progress: bool = True,
+    strict: bool = False,
+    allow_outside_root: bool = False,
 ) -> list[ExtractResult]:
     """Extract features for each split of ``dataset`` into the cache folder; existing caches are hits.
 
-    The model is built only when some split misses. Returns one result per split.
+    The model is built only when some split misses (or re-tries earlier transient failures). An interrupted
+    run is resumed from its journal. ``force`` rebuilds a cache even if one exists; the old one is replaced
+    only when the new one is complete. ``strict`` raises :class:`DataError` when any image of a split could
+    not be read (the cache is still written). Returns one result per split.
     """
-    from filelock import FileLock
-
-    ds = dataset if isinstance(dataset, ImageDataset) else load_dataset(dataset)
+    ds = dataset if isinstance(dataset, ImageDataset) else load_dataset(dataset, allow_outside_root=allow_outside_root)
     names = list(splits) if splits else list(ds.splits)
     for n in names:
         ds.split(n)  # raises a clear error for a split the dataset does not have
     embedder = resolve_embedder(backbone, weights, layer=layer, image_size=image_size, precision=precision)
     cdir = resolve_cache_dir(cache_dir)
+    _prepare_cache_dir(cdir)
     results: list[ExtractResult] = []
-    bb: Backbone | None = None
+    built: list[Backbone] = []
+
+    def get_backbone() -> Backbone:
+        if not built:
+            bb = build_embedder(embedder)
+            if layer != POOLED and layer not in dict(bb.model.named_modules()):
+                raise UsageError(f"backbone {bb.name} has no layer '{layer}' (try: {', '.join(bb.layers)})")
+            built.append(bb)
+        return built[0]
+
+    opts = {
+        "layer": layer,
+        "precision": precision,
+        "device": device,
+        "batch_size": batch_size,
+        "num_workers": num_workers,
+        "channels_last": channels_last,
+        "progress": progress,
+    }
     for name in names:
         split = ds.split(name)
         spec = cache_spec(split, embedder)
-        key = spec.key()
         final = cdir / cache_filename(ds.name, spec)
-        cdir.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(final) + ".lock"):  # a second run for the same key waits, then sees a hit
-            hit = find_cache(cdir, spec)
-            if hit is not None and force:
-                hit.unlink()
-                hit = None
-            if hit is not None:
-                from featx.cache import read_cache_attrs
-
-                a = read_cache_attrs(hit)
-                results.append(ExtractResult(name, hit, key, True, int(a["n_images"]), int(a["n_failed"]), 0.0, 0.0))
-                continue
-            if bb is None:
-                bb = build_embedder(embedder)
-                if layer != POOLED and layer not in dict(bb.model.named_modules()):
-                    raise UsageError(f"backbone {bb.name} has no layer '{layer}' (try: {', '.join(bb.layers)})")
-            results.append(
-                _extract_split(
-                    ds,
-                    split,
-                    spec,
-                    final,
-                    bb,
-                    layer=layer,
-                    precision=precision,
-                    device=device,
-                    batch_size=batch_size,
-                    num_workers=num_workers,
-                    channels_last=channels_last,
-                    progress=progress,
-                )
+        with _KeyLock(lock_path(final)):  # a second run for the same key waits, then sees a hit
+            result = _extract_or_hit(ds, split, spec, final, get_backbone, force=force, **opts)
+        results.append(result)
+        if strict and result.n_failed:
+            first = result.failures[0] if result.failures else _first_failure(result.path, split)
+            raise DataError(
+                f"{result.n_failed} of {result.n_images} images in split '{name}' could not be read "
+                f"(first: {first[0]}: {first[1]}); the cache {result.path.name} is kept: fix them, or run without --strict"
             )
     return results
+
+
+def _first_failure(path: Path, split: Split) -> tuple[str, str]:
+    fails = read_failures(path)
+    if not fails:
+        return ("?", "?")
+    i, reason = fails[0]
+    return printable_path(split.paths[i]), reason
+
+
+def _extract_or_hit(
+    ds: ImageDataset,
+    split: Split,
+    spec: CacheSpec,
+    final: Path,
+    get_backbone: Callable[[], Backbone],
+    *,
+    force: bool,
+    **opts: Any,
+) -> ExtractResult:
+    tmp_path(final).unlink(missing_ok=True)  # an assembly killed before its rename
+    journal = CacheJournal(final)
+    hit = None if force else find_cache(final.parent, spec)
+    if hit is not None:
+        if journal.exists():
+            journal.discard()  # left by a run killed between the rename and the clean-up
+        a = read_cache_attrs(hit)
+        transient = [(i, r) for i, r in read_failures(hit) if is_transient_failure(r)]
+        if transient:
+            return _with_interrupts(
+                final, split, lambda: _retry_failures(hit, split, spec, [i for i, _ in transient], get_backbone, **opts)
+            )
+        return ExtractResult(split.name, hit, spec.key(), True, int(a["n_images"]), int(a["n_failed"]), 0.0, 0.0)
+    return _with_interrupts(final, split, lambda: _extract_split(ds, split, spec, journal, get_backbone, **opts))
+
+
+def _with_interrupts(final: Path, split: Split, fn: Callable[[], ExtractResult]) -> ExtractResult:
+    """Run ``fn`` turning SIGINT / SIGTERM into :class:`ExtractionInterrupted` (the journal is kept)."""
+    try:
+        with _sigterm_raises():
+            return fn()
+    except (KeyboardInterrupt, _Terminated) as exc:
+        tmp_path(final).unlink(missing_ok=True)
+        sig, code = ("SIGTERM", 143) if isinstance(exc, _Terminated) else ("SIGINT", 130)
+        journal = CacheJournal(final)
+        kept = f"the finished chunks are kept in {journal.dir.name}" if journal.exists() else "nothing was lost"
+        raise ExtractionInterrupted(
+            f"interrupted by {sig} while extracting split '{split.name}'; {kept}: run the same command again to resume",
+            code,
+        ) from None
+
+
+def _norm_json(v: Any) -> Any:
+    return json.loads(json.dumps(v, sort_keys=True, default=str))
 
 
 def _extract_split(
     ds: ImageDataset,
     split: Split,
     spec: CacheSpec,
-    final: Path,
-    bb: Backbone,
+    journal: CacheJournal,
+    get_backbone: Callable[[], Backbone],
     *,
     layer: str,
     precision: str,
@@ -173,64 +448,310 @@ def _extract_split(
     channels_last: bool,
     progress: bool,
 ) -> ExtractResult:
+    t0 = time.perf_counter()
     dev = runtime.resolve_device(device)
     runtime.check_precision(precision, dev)
-    workers = runtime.default_num_workers() if num_workers is None else num_workers
-    runtime.configure_threads(workers, dev)
-    bs = batch_size or default_batch_size(dev)
-    model = bb.feature_model(layer)
-    emb = bb.embedder(layer, precision)
+    n = len(split)
+    # What must match for a journal to be resumed (the key covers rows and embedder; the device changes numbers).
+    requested = _norm_json({"key": spec.key(), "spec": spec.identity(), "n_rows": n, "device": dev.type, "layer": layer})
+    state = None
+    if journal.exists():
+        try:
+            journal.open()
+            stale = [k for k, v in requested.items() if journal.header.get(k) != v]
+            if stale:
+                raise ValueError(f"it was made with other settings ({', '.join(stale)})")
+            state = journal.verify()
+            for problem in state.problems:
+                log.warning("%s: discarded damaged chunk %s", journal.dir.name, problem)
+        except ValueError as exc:
+            log.warning("discarding the interrupted extraction in %s: %s; starting over", journal.dir, exc)
+            journal.discard()
+            state = None
+    bb: Backbone | None = None
+    if state is None or len(state.chunks) < journal.n_chunks:
+        bb = get_backbone()
+        emb = bb.embedder(layer, precision).to_dict()
+        if state is not None and journal.header.get("cache_attrs", {}).get("embedder") != _norm_json(emb):
+            log.warning("discarding the interrupted extraction in %s: the model resolves differently now", journal.dir)
+            journal.discard()
+            state = None
+        if state is None:
+            bs = batch_size or default_batch_size(dev)
+            cache_attrs = {
+                "key": spec.key(),
+                "embedder": emb,
+                "dataset_name": ds.name,
+                "dataset_root": printable_path(str(ds.root)),
+                "dataset_fingerprint": spec.dataset_fingerprint,
+                "split": split.name,
+                "backbone": emb["backbone"],  # the embedder's fields most looked at, also flat for `cache ls` and h5 tools
+                "layer": layer,
+                "device": str(dev),
+                "batch_size": bs,
+                "chunk_rows": chunk_rows_for(bs),
+                "channels_last": bool(channels_last),
+                "dtype": "float16" if precision == "fp16" else "float32",
+            }
+            journal.create(
+                {
+                    **requested,
+                    "batch_size": bs,
+                    "chunk_rows": chunk_rows_for(bs),
+                    "channels_last": bool(channels_last),
+                    "dataset_name": ds.name,
+                    "split": split.name,
+                    "embedder": emb,
+                    "cache_attrs": _norm_json(cache_attrs),
+                    "created_at": base_attrs()["created_at"],
+                }
+            )
+            state = journal.verify()
+    resumed_at = journal.done_rows(state.chunks)
+    if resumed_at and batch_size and batch_size != journal.header["batch_size"]:
+        kept = journal.header["batch_size"]
+        log.info("resuming with the journal's batch size %s (asked: %s) so that the batches match", kept, batch_size)
+    cache_attrs = dict(journal.header["cache_attrs"])
+    dtype = np.float16 if cache_attrs.get("dtype") == "float16" else np.float32
+    computed = 0
+    if bb is not None:
+        computed = _compute_missing(
+            split,
+            journal,
+            state,
+            bb,
+            layer=layer,
+            precision=precision,
+            dev=dev,
+            num_workers=num_workers,
+            progress=progress,
+            dtype=dtype,
+        )
+    if resumed_at:
+        log.info("%s: resumed at %d of %d images (journal %s)", split.name, resumed_at, n, journal.dir.name)
+    if len(state.failures) == n:
+        first = state.failures[0]
+        journal.discard()
+        raise DataError(f"none of the {n} images in split '{split.name}' could be decoded (first: {first})")
+    wall = time.perf_counter() - t0
     attrs = {
         **base_attrs(),
-        "key": spec.key(),
-        "embedder": emb.to_dict(),
-        "dataset_name": ds.name,
-        "dataset_root": str(ds.root),
-        "dataset_fingerprint": spec.dataset_fingerprint,
-        "split": split.name,
-        "backbone": emb.backbone,  # the embedder's fields most often looked at, also flat for `cache ls` and h5 tools
-        "layer": layer,
-        "device": str(dev),
-        "batch_size": bs,
+        **cache_attrs,
+        "extraction_seconds": state.seconds,
+        "n_images": n,
+        "feature_dim": int(state.dim or 0),
+        "images_per_s": computed / wall if computed else 0.0,
+        "resumed_at": resumed_at,
     }
+
+    def blocks() -> Iterator[tuple[int, np.ndarray, np.ndarray, list[str]]]:
+        for i in range(journal.n_chunks):
+            try:
+                c = journal.read_chunk(state.chunks[i], i)
+            except ValueError as exc:  # changed on disk since it was checked: the next run recomputes it
+                state.chunks[i].unlink(missing_ok=True)
+                raise CacheError(f"journal chunk {state.chunks[i]} went bad ({exc}); run the same command again") from None
+            yield c.start, c.features, c.valid, c.reasons
+
+    path = write_cache_file(
+        journal.final,
+        n_rows=n,
+        blocks=blocks(),
+        labels=np.asarray(split.labels),
+        paths=[printable_path(p) for p in split.paths],
+        classes=list(split.classes),
+        attrs=attrs,
+        dtype=dtype,
+        resume_hint=f" (the finished chunks are kept in {journal.dir}: free space and run the same command again to resume)",
+    )
+    journal.discard()
+    seconds = time.perf_counter() - t0
+    failures = tuple((printable_path(split.paths[i]), r) for i, r in sorted(state.failures.items()))
+    for p, r in failures:
+        log.debug("skipped %s: %s", p, r)
+    ips = computed / seconds if seconds else 0.0
+    return ExtractResult(split.name, path, spec.key(), False, n, len(failures), seconds, ips, failures, resumed_at)
+
+
+def _compute_missing(
+    split: Split,
+    journal: CacheJournal,
+    state: Any,
+    bb: Backbone,
+    *,
+    layer: str,
+    precision: str,
+    dev: Any,
+    num_workers: int | None,
+    progress: bool,
+    dtype: Any,
+) -> int:
+    """Compute every chunk the journal lacks (contiguous runs of chunks, each one pass over its rows) and write
+    them through the background writer. Returns the number of rows computed."""
+    h = journal.header
+    bs, chunk_rows = int(h["batch_size"]), journal.chunk_rows
+    workers = runtime.default_num_workers() if num_workers is None else num_workers
+    runtime.configure_threads(workers, dev)
+    model = bb.feature_model(layer)
+    missing = [i for i in range(journal.n_chunks) if i not in state.chunks]
+    runs: list[tuple[int, int]] = []  # [first chunk, last chunk] of each contiguous run
+    for i in missing:
+        if runs and runs[-1][1] == i - 1:
+            runs[-1] = (runs[-1][0], i)
+        else:
+            runs.append((i, i))
+    # The writer thread starts after the DataLoader has forked its workers (first chunk) and stops at the end
+    # of each run of chunks, so no worker is ever forked while it runs.
+    writer: _ChunkWriter | None = None
+    computed = 0
+    try:
+        for first, last in runs:
+            lo, hi = journal.chunk_range(first)[0], journal.chunk_range(last)[1]
+            buf: dict[str, Any] = {}
+            t_chunk = time.perf_counter()
+            for b in iter_features(
+                model,
+                bb.preprocessing,
+                split.root,
+                split.paths[lo:hi],
+                split.labels[lo:hi],
+                device=dev,
+                batch_size=bs,
+                num_workers=workers,
+                precision=precision,
+                channels_last=bool(h.get("channels_last", True)),
+                progress=progress,
+                desc=f"extract {split.name}",
+            ):
+                rows = np.asarray(b.positions, dtype=np.int64) + lo
+                ci = int(rows[0]) // chunk_rows
+                start, stop = journal.chunk_range(ci)
+                if not buf:
+                    dim = b.features.shape[1]
+                    buf = {
+                        "features": np.zeros((stop - start, dim), dtype=dtype),
+                        "valid": np.zeros(stop - start, dtype=bool),
+                        "reasons": [""] * (stop - start),
+                        "filled": 0,
+                    }
+                ok = np.array([not e for e in b.errors], dtype=bool)
+                local = rows - start
+                buf["features"][local] = np.where(ok[:, None], b.features, 0).astype(dtype, copy=False)
+                buf["valid"][local] = ok
+                for j, e in zip(local, b.errors):
+                    buf["reasons"][int(j)] = e
+                    if e:
+                        state.failures[start + int(j)] = e
+                buf["filled"] += len(rows)
+                computed += len(rows)
+                if buf["filled"] == stop - start:
+                    now = time.perf_counter()
+                    chunk = Chunk(ci, start, buf["features"], buf["valid"], buf["reasons"], now - t_chunk)
+                    t_chunk = now
+                    state.seconds += chunk.seconds
+                    state.dim = state.dim or int(buf["features"].shape[1])
+                    writer = writer or _ChunkWriter(journal)
+                    writer.put(chunk)
+                    buf = {}
+            if writer is not None:
+                w, writer = writer, None
+                try:
+                    w.close()
+                finally:
+                    state.chunks.update(w.written)
+    finally:
+        if writer is not None:
+            try:
+                writer.close()
+            finally:
+                state.chunks.update(writer.written)
+    if len(state.chunks) != journal.n_chunks:
+        raise CacheError(f"internal: {len(state.chunks)} of {journal.n_chunks} journal chunks after extraction")
+    return computed
+
+
+def _retry_failures(
+    hit: Path,
+    split: Split,
+    spec: CacheSpec,
+    rows: list[int],
+    get_backbone: Callable[[], Backbone],
+    *,
+    layer: str,
+    precision: str,
+    device: str,
+    batch_size: int | None,
+    num_workers: int | None,
+    channels_last: bool,
+    progress: bool,
+) -> ExtractResult:
+    """A complete cache holds failures that may have gone away (a permission, an I/O error): compute exactly
+    those rows again and rewrite the cache (atomically, like any cache write)."""
     t0 = time.perf_counter()
-    with CacheWriter(final, n_rows=len(split), attrs=attrs) as writer:
-        dim = 0
+    dev = runtime.resolve_device(device)
+    runtime.check_precision(precision, dev)
+    bb = get_backbone()
+    workers = runtime.default_num_workers() if num_workers is None else num_workers
+    runtime.configure_threads(workers, dev)
+    with CacheReader(hit) as reader:
+        bs = int(reader.attrs.get("batch_size") or batch_size or default_batch_size(dev))
+        idx = np.asarray(rows, dtype=np.int64)
+        new_feats: dict[int, np.ndarray] = {}
+        new_errors: dict[int, str] = {}
         for b in iter_features(
-            model,
+            bb.feature_model(layer),
             bb.preprocessing,
             split.root,
-            split.paths,
-            split.labels,
+            [split.paths[i] for i in idx],
+            split.labels[idx],
             device=dev,
             batch_size=bs,
             num_workers=workers,
             precision=precision,
-            channels_last=channels_last,
+            channels_last=bool(reader.attrs.get("channels_last", channels_last)),
             progress=progress,
-            desc=f"extract {split.name}",
+            desc=f"re-try {split.name}",
         ):
-            feats = b.features.astype(np.float16 if precision == "fp16" else np.float32)
-            writer.write(b.positions, feats, b.errors)
-            dim = feats.shape[1]
-        n_failed = len(writer.failures)
-        if n_failed == len(split):
-            first = writer.failures[0][1] if writer.failures else "?"
-            raise DataError(f"none of the {len(split)} images in split '{split.name}' could be decoded (first: {first})")
-        seconds = time.perf_counter() - t0
-        failures = tuple((split.paths[i], r) for i, r in writer.failures)
-        path = writer.finish(
-            labels=split.labels,
-            paths=list(split.paths),
-            indices=np.arange(len(split)),
-            classes=list(split.classes),
-            attrs={
-                "extraction_seconds": seconds,
-                "n_images": len(split),
-                "feature_dim": dim,
-                "images_per_s": len(split) / seconds,
-            },
+            for p, feat, err in zip(b.positions, b.features, b.errors):
+                row = int(idx[int(p)])
+                new_errors[row] = err
+                if not err:
+                    new_feats[row] = feat
+        old_failures = dict(read_failures(hit))
+        reasons_all = {**old_failures, **{r: e for r, e in new_errors.items()}}
+        n = reader.n_rows
+        dtype = reader._features.dtype
+        step = max(reader.chunk_rows, 1)
+
+        def blocks() -> Iterator[tuple[int, np.ndarray, np.ndarray, list[str]]]:
+            for start in range(0, n, step):
+                stop = min(start + step, n)
+                feats = np.array(reader.read_rows(start, stop))
+                valid = reader.valid[start:stop].copy()
+                reasons = [""] * (stop - start)
+                for r in range(start, stop):
+                    if r in new_feats:
+                        feats[r - start] = new_feats[r]
+                        valid[r - start] = True
+                    elif reasons_all.get(r):
+                        valid[r - start] = False
+                        reasons[r - start] = reasons_all[r]
+                yield start, feats, valid, reasons
+
+        keep = {k: v for k, v in reader.attrs.items() if k not in ("complete", "n_failed", "attrs_sha256", "tables_sha256")}
+        attrs = {**keep, "retried_at": base_attrs()["created_at"], "n_retried": len(rows)}
+        write_cache_file(
+            hit,
+            n_rows=n,
+            blocks=blocks(),
+            labels=reader.labels,
+            paths=reader.paths(),
+            classes=reader.classes,
+            attrs=attrs,
+            dtype=dtype,
         )
-    for p, r in failures[:5]:
-        log.warning("skipped %s: %s", p, r)
-    return ExtractResult(split.name, path, spec.key(), False, len(split), n_failed, seconds, len(split) / seconds, failures)
+    still = sorted(r for r, e in reasons_all.items() if e and r not in new_feats)
+    seconds = time.perf_counter() - t0
+    failures = tuple((printable_path(split.paths[i]), reasons_all[i]) for i in still)
+    log.info("%s: re-tried %d earlier failure(s); %d now decode", split.name, len(rows), len(new_feats))
+    return ExtractResult(split.name, hit, spec.key(), False, n, len(still), seconds, len(rows) / seconds, failures, 0, len(rows))

@@ -6,22 +6,41 @@ Strategies, compared with frozen-feature heads on the same :class:`SplitPlan` ro
 * ``partial``: only the last ``trainable_blocks`` groups of ``Backbone.blocks`` (and the head) train; frozen
   BatchNorm layers stay in eval mode so their running statistics keep the pretrained values.
 * ``head``: frozen backbone in eval mode, Dropout + Linear trained on augmented images (the Keras recipe).
-* ``lp-ft`` (Kumar et al., 2022): fit a logistic-regression probe on frozen features, copy it into the head,
-  then fine-tune everything at ``lr * lp_ft_lr_scale``, so a random head does not distort the features.
+* ``lp-ft`` (Kumar et al., 2022): fit a logistic-regression probe on standardised frozen features (C chosen
+  on val, :func:`featx.heads.fit_linear_probe`), fold the scaling into the head, then fine-tune everything at
+  ``lr * lp_ft_lr_scale``. The probe-initialised network is scored on val before any update (epoch 0) and stays
+  an early-stopping candidate, so LP-FT never ends below its own probe on val.
+
+Protocol (the heads' linear-evaluation protocol, Kornblith et al. 2019, applied to fine-tuning):
+
+* ``selection="val"``: train on train, score val after every epoch, keep the best epoch (ties count as progress:
+  a later epoch with equal val accuracy replaces the best and resets the patience). :func:`finetune_search` does
+  this for every point of an lr x weight-decay grid and picks the best val accuracy (ties: first in grid order).
+* ``final_fit="train+val"`` (default): retrain from the pretrained weights, with the same seed, on train + val
+  for exactly the chosen number of epochs, on the same LR schedule (defined over ``epochs`` and stopped at the
+  chosen epoch) -- no val scores are looked at -- and score test once. ``final_fit="train"`` scores the
+  best-on-val model trained on train alone.
+* ``selection="rule"`` (few-shot draws): no val labels at all; a fixed schedule modelled on BiT's HyperRule
+  (:func:`hyper_rule`), no early stopping, test scored once.
 
 The loop has the shape of torchvision's reference script (plain :func:`train_one_epoch` / :func:`evaluate`,
 a plain checkpoint dict written each epoch, resume at ``epoch + 1``) without its AMP pitfalls: forward and
 loss run under autocast, a GradScaler exists only for fp16, and each iteration makes exactly one step.
 
-Determinism: torch, numpy and ``random`` are seeded, the train loader's generator is re-seeded from
+Determinism: every training run (each grid point, the final refit) starts from the pretrained weights with
+torch, numpy and ``random`` seeded from ``config.seed``; the train loader's generator is re-seeded from
 (seed, epoch) every epoch, and checkpoints carry the RNG states, so a resumed run repeats what the
 uninterrupted one would have done on the same machine, device and ``num_workers``. Some CPU and CUDA
 kernels (multi-threaded convolution backward, cuDNN algorithm choice) are not bitwise reproducible, so
 runs on other machines agree closely rather than exactly.
+
+Progress: a tqdm bar per epoch (``progress``) and one formatted line per epoch on the ``featx.finetuning``
+logger at INFO (:func:`format_epoch_line`); per-step losses and grid details at DEBUG.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -31,8 +50,8 @@ import random
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,11 +73,40 @@ log = logging.getLogger(__name__)
 STRATEGIES = ("full", "partial", "head", "lp-ft")
 OPTIMIZERS = ("sgd", "adamw")
 AUGMENTATIONS = ("random_resized_crop", "hflip", "affine")
-LP_C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
-CHECKPOINT_NAME = "checkpoint.pt"
+SELECTIONS = ("val", "rule")
+FINAL_FITS = ("train+val", "train")
+CHECKPOINT_NAME = "checkpoint.pt"  # the selection (or rule) stage
+FINAL_CHECKPOINT_NAME = "final_checkpoint.pt"  # the train+val refit
 RESULT_NAME = "result.json"
+GRID_DIR = "grid"  # finetune_search: one sub-folder (with its checkpoint) per grid point
 # Options that may change on resume: they do not alter the epochs already run.
 RESUMABLE_FIELDS = frozenset({"epochs", "early_stopping_patience", "device", "num_workers"})
+
+# lr x weight-decay grids for finetune_search, per optimizer. ``lr`` is the head's LR; full/partial backbones
+# train at lr * backbone_lr_scale, lp-ft everything at lr * lp_ft_lr_scale. SGD's weight decay is an L2 term,
+# AdamW's is decoupled (multiplied by the LR), hence the different scales. "gpu": 8 runs per strategy;
+# "cpu": a documented 2-run shrink for a 2-core machine. On load_digits (30 images per class, 64 px, full,
+# AdamW, 10 epochs) head LR 3e-3 reached val 0.97 while 1e-2 collapsed to 0.26: a one-point recipe can fail
+# where a small grid does not.
+SEARCH_GRIDS: dict[str, dict[str, dict[str, list[float]]]] = {
+    "gpu": {
+        "sgd": {"lr": [1e-3, 3e-3, 1e-2, 3e-2], "weight_decay": [0.0, 1e-4]},
+        "adamw": {"lr": [3e-4, 1e-3, 3e-3, 1e-2], "weight_decay": [0.0, 0.05]},
+    },
+    "cpu": {
+        "sgd": {"lr": [3e-3, 1e-2], "weight_decay": [1e-4]},
+        "adamw": {"lr": [1e-3, 3e-3], "weight_decay": [0.05]},
+    },
+}
+
+# Few-shot rule (selection="rule"), modelled on BiT's HyperRule (Kolesnikov et al. 2020): schedule length by
+# dataset size, a fixed LR, linear warm-up then decay, no weight decay, no early stopping, no val labels.
+# BiT: 500 / 10k / 20k steps at batch 512 for < 20k / < 500k / more images, LR 0.003, warm-up 100 steps,
+# step decay. featx scales the step counts by 1/5 for a CPU budget at batch <= 32 (``rule_steps`` overrides),
+# uses its cosine decay after a 20 % warm-up, and the optimizer's own LR below (head LR, as everywhere here).
+RULE_STEPS = ((20_000, 100), (500_000, 2_000), (None, 4_000))
+RULE_LR = {"sgd": 0.01, "adamw": 3e-3}
+RULE_WARMUP_FRACTION = 0.2
 
 
 @dataclass(frozen=True)
@@ -78,7 +126,7 @@ class FinetuneConfig:
     label_smoothing: float = 0.0
     warmup_epochs: float = 1.0  # linear warm-up then cosine decay, stepped per iteration
     augment: tuple[str, ...] = AUGMENTATIONS  # any subset; () = none
-    early_stopping_patience: int = 3  # epochs without val-accuracy improvement; 0 disables
+    early_stopping_patience: int = 3  # epochs without val-accuracy improvement (ties count as progress); 0 disables
     lp_ft_lr_scale: float = 0.1  # lp-ft: the second stage uses lr * this for every parameter
     # BatchNorm running statistics stay as pretrained (eval mode) while gamma/beta still train: with the
     # small batches of small datasets, batch statistics shift the features and can undo a linear probe
@@ -89,6 +137,7 @@ class FinetuneConfig:
     device: str = "auto"
     num_workers: int | None = None
     seed: int = 0
+    rule_steps: int | None = None  # selection="rule": optimizer steps (None: RULE_STEPS by dataset size)
 
     def validate(self) -> None:
         """Raise :class:`UsageError` for the first invalid value, in scikit-learn's message template."""
@@ -123,6 +172,7 @@ class FinetuneConfig:
         check("freeze_bn_stats", isinstance(self.freeze_bn_stats, bool), "a bool")
         check("device", isinstance(self.device, str), "'auto', 'cpu' or 'cuda[:N]'")
         check("num_workers", self.num_workers is None or is_int(self.num_workers, 0), "None or an int >= 0")
+        check("rule_steps", self.rule_steps is None or is_int(self.rule_steps, 1), "None or an int >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -160,7 +210,8 @@ def train_one_epoch(
 
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     total = len(loader.dataset) if hasattr(loader, "dataset") else None
-    loss_sum, correct, seen = 0.0, 0, 0
+    loss_sum, correct, seen, step = 0.0, 0, 0, 1
+    debug = log.isEnabledFor(logging.DEBUG)
     t0 = time.perf_counter()
     bar = runtime.progress_bar(None, total=total, desc=desc, enabled=progress)
     try:
@@ -190,6 +241,9 @@ def train_one_epoch(
             seen += n
             bar.update(n)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
+            if debug:
+                log.debug("%s step %d: loss %.4f, lr %.2e", desc, step, loss.item(), optimizer.param_groups[-1]["lr"])
+            step += 1
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
@@ -228,88 +282,158 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]
     return factor
 
 
+def format_epoch_line(
+    epoch: int,
+    epochs: int,
+    *,
+    train_loss: float | None = None,
+    train_accuracy: float | None = None,
+    val_accuracy: float | None = None,
+    best_epoch: int | None = None,
+    best_val_accuracy: float | None = None,
+    lr: float | None = None,
+    seconds: float | None = None,
+    prefix: str = "",
+) -> str:
+    """One readable progress line per epoch, e.g.
+    ``epoch 3/5  train loss 0.412 acc 0.871  val acc 0.902 (best, epoch 3)  lr 3.0e-03  41.2 s``."""
+    parts = [f"{prefix}epoch {epoch}/{epochs}"]
+    if train_loss is not None:
+        parts.append(f"train loss {train_loss:.3f} acc {train_accuracy or 0.0:.3f}")
+    elif epoch == 0:
+        parts.append("before any update")
+    if val_accuracy is not None:
+        if best_epoch == epoch:
+            parts.append(f"val acc {val_accuracy:.3f} (best, epoch {best_epoch})")
+        else:
+            parts.append(f"val acc {val_accuracy:.3f} (best {best_val_accuracy or 0.0:.3f}, epoch {best_epoch})")
+    if lr is not None:
+        parts.append(f"lr {lr:.1e}")
+    if seconds is not None:
+        parts.append(f"{seconds:.1f} s")
+    return "  ".join(parts)
+
+
 # --------------------------------------------------------------------------------------------------
 # Linear probe (stage 1 of lp-ft)
 
 
-def init_head_from_probe(
-    linear: nn.Linear, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, *, seed: int = 0
-) -> dict[str, Any]:
-    """Fit LogisticRegression (unscaled features, C chosen on val) and copy it into ``linear``.
+@dataclass
+class _LocalProbe:
+    """The shape of :class:`featx.heads.LinearProbe`, for :func:`_fit_linear_probe_local`."""
 
-    Binary problems give one margin ``z = w.x + b``; the rows ``[-w/2, w/2]`` reproduce its probabilities
-    under softmax. Classes absent from ``y_train`` get zero weights and a bias 10 below the others.
+    coef: np.ndarray
+    intercept: np.ndarray
+    C: float
+    val_accuracy: float | None
+    curve: list[dict[str, Any]]
+    at_grid_edge: bool
+    selection: str = "val"
+
+
+def fit_probe_fixed_c(X: np.ndarray, y: np.ndarray, C: float, *, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """fit-head's logistic regression (StandardScaler + LogisticRegression) at ``C``, as raw-space ``(coef, intercept)``.
+
+    The scaling is folded in: ``W((x - m) / s) + b = (W / s) x + (b - (W / s) m)``. Binary problems give one
+    margin ``z``; rows ``[-z/2, z/2]`` reproduce its probabilities under softmax. Classes absent from ``y`` get
+    zero weights and a bias 10 below the others (never predicted). Used for the train+val refit at the C chosen
+    on val, where no val score may be looked at.
     """
-    import torch
     from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
 
-    clf = LogisticRegression(max_iter=1000, warm_start=True, random_state=seed)  # warm start along the C path
-    curve: list[float] = []
-    best: tuple[float, float, np.ndarray, np.ndarray] | None = None
-    converged = True
-    for c in LP_C_GRID:
-        clf.set_params(C=c)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            clf.fit(x_train, y_train)
-        converged &= bool(np.all(clf.n_iter_ < clf.max_iter))
-        acc = float(np.mean(clf.predict(x_val) == y_val))
-        curve.append(acc)
-        if best is None or acc > best[0]:
-            best = (acc, c, clf.coef_.copy(), clf.intercept_.copy())
-    assert best is not None
-    acc, c, coef, intercept = best
-    if coef.shape[0] == 1:
-        coef, intercept = np.vstack([-coef / 2, coef / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
-    weight = np.zeros((linear.out_features, coef.shape[1]), dtype=np.float32)
-    bias = np.full(linear.out_features, intercept.min() - 10.0, dtype=np.float32)
-    weight[clf.classes_], bias[clf.classes_] = coef, intercept
-    with torch.no_grad():
-        linear.weight.copy_(torch.from_numpy(weight))
-        linear.bias.copy_(torch.from_numpy(bias))
-        head_pred = linear(torch.from_numpy(np.asarray(x_val, dtype=np.float32))).argmax(1).numpy()
-    return {
-        "C": c,
-        "c_grid": list(LP_C_GRID),
-        "val_accuracy_curve": curve,
-        "val_accuracy": acc,
-        "head_val_accuracy": float(np.mean(head_pred == y_val)),
-        "converged": converged,
-    }
+    from featx.heads import make_head
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        pipe = make_head("logreg", C=float(C)).fit(X, y)
+    scaler, clf = pipe[0], pipe[-1]
+    scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0) if scaler.scale_ is not None else np.ones(X.shape[1])
+    mean = scaler.mean_ if scaler.mean_ is not None else np.zeros(X.shape[1])
+    w = clf.coef_ / scale
+    b = clf.intercept_ - w @ mean
+    if w.shape[0] == 1:
+        w, b = np.vstack([-w / 2, w / 2]), np.array([-b[0] / 2, b[0] / 2])
+    coef = np.zeros((n_classes, X.shape[1]), dtype=np.float32)
+    intercept = np.full(n_classes, b.min() - 10.0, dtype=np.float32)
+    coef[clf.classes_], intercept[clf.classes_] = w, b
+    return coef, intercept
 
 
-def _linear_probe_stage(
-    bb: Backbone,
-    linear: nn.Linear,
-    splits: dict[str, Split],
-    config: FinetuneConfig,
-    device: torch.device,
-    workers: int,
-    progress: bool,
-) -> dict[str, Any]:
-    from featx.inference import compute_features
+def _fit_linear_probe_local(
+    X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray | None, y_val: np.ndarray | None, *, n_classes: int
+) -> _LocalProbe:
+    """Fallback with :func:`featx.heads.fit_linear_probe`'s contract, used only while heads does not provide it."""
+    from sklearn.model_selection import StratifiedKFold
 
-    t0 = time.perf_counter()
-    feats = {}
-    for name in ("train", "val"):
-        s = splits[name]
-        feats[name], _ = compute_features(
-            bb, s.root, s.paths, device=device, num_workers=workers, precision=config.precision, progress=progress
-        )
-    info = init_head_from_probe(
-        linear, feats["train"], splits["train"].labels, feats["val"], splits["val"].labels, seed=config.seed
+    from featx.heads import param_grid
+
+    grid = [float(p["C"]) for p in param_grid("logreg", n_features=X_train.shape[1], n_train=len(y_train))]
+
+    def acc(coef: np.ndarray, b: np.ndarray, X: np.ndarray, y: np.ndarray) -> float:
+        return float(np.mean(np.argmax(X @ coef.T + b, axis=1) == y))
+
+    counts = np.bincount(y_train)
+    counts = counts[counts > 0]
+    if X_val is not None and y_val is not None:
+        selection = "val"
+        scores = [acc(*fit_probe_fixed_c(X_train, y_train, c, n_classes=n_classes), X_val, y_val) for c in grid]
+    elif counts.min() >= 2:
+        selection = "cv"
+        folds = StratifiedKFold(n_splits=min(5, int(counts.min())), shuffle=True, random_state=0)
+        scores = []
+        for c in grid:
+            fold_acc = [
+                acc(*fit_probe_fixed_c(X_train[tr], y_train[tr], c, n_classes=n_classes), X_train[te], y_train[te])
+                for tr, te in folds.split(X_train, y_train)
+            ]
+            scores.append(float(np.mean(fold_acc)))
+    else:
+        selection, scores = "rule", []
+    if scores:
+        best = max(range(len(grid)), key=lambda i: (scores[i], -i))  # ties: the stronger regularisation
+        c_best, at_edge = grid[best], best in (0, len(grid) - 1)
+    else:
+        c_best, at_edge = 1.0, False
+    coef, intercept = fit_probe_fixed_c(X_train, y_train, c_best, n_classes=n_classes)
+    return _LocalProbe(
+        coef,
+        intercept,
+        c_best,
+        scores[grid.index(c_best)] if scores else None,
+        [{"C": c, "val_accuracy": s} for c, s in zip(grid, scores)],
+        at_edge,
+        selection,
     )
-    info["seconds"] = time.perf_counter() - t0
-    log.info("lp-ft stage 1: probe C=%g, val accuracy %.4f (%.1f s)", info["C"], info["val_accuracy"], info["seconds"])
-    return info
+
+
+def fit_linear_probe(
+    X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray | None, y_val: np.ndarray | None, *, n_classes: int
+) -> Any:
+    """:func:`featx.heads.fit_linear_probe` (standardised logistic regression, C on val / CV / rule, raw-space weights)."""
+    try:
+        from featx.heads import fit_linear_probe as heads_probe
+    except ImportError:  # heads without the helper yet
+        return _fit_linear_probe_local(X_train, y_train, X_val, y_val, n_classes=n_classes)
+    return heads_probe(X_train, y_train, X_val, y_val, n_classes=n_classes)
+
+
+def init_head_from_probe(linear: nn.Linear, coef: np.ndarray, intercept: np.ndarray) -> None:
+    """Copy a probe's raw-space weights into the network's last layer."""
+    import torch
+
+    with torch.no_grad():
+        linear.weight.copy_(torch.from_numpy(np.asarray(coef, dtype=np.float32)))
+        linear.bias.copy_(torch.from_numpy(np.asarray(intercept, dtype=np.float32)))
 
 
 # --------------------------------------------------------------------------------------------------
 # Setup helpers
 
 
-def _resolve_splits(ds: ImageDataset, plan: SplitPlan, train_rows: Sequence[int] | np.ndarray | None) -> dict[str, Split]:
+def _resolve_splits(
+    ds: ImageDataset, plan: SplitPlan, train_rows: Sequence[int] | np.ndarray | None
+) -> tuple[dict[str, Split], dict[str, tuple[str, np.ndarray]]]:
+    """The train/val/test splits and their dataset positions: ``name -> (source split, positions in it)``."""
     resolved = plan.resolve(ds)
     src, rows = resolved["train"]
     if train_rows is not None:
@@ -320,16 +444,52 @@ def _resolve_splits(ds: ImageDataset, plan: SplitPlan, train_rows: Sequence[int]
                 f"into the plan's train rows (got {pos.size} values)"
             )
         rows = rows[pos]
-    splits = {"train": ds.split(src).subset(rows, name="train")}
+    positions = {"train": (src, np.asarray(rows, dtype=np.int64))}
     for name in ("val", "test"):
-        src, rows = resolved[name]
-        splits[name] = ds.split(src).subset(rows, name=name)
+        positions[name] = (resolved[name][0], np.asarray(resolved[name][1], dtype=np.int64))
+    splits = {name: ds.split(s).subset(r, name=name) for name, (s, r) in positions.items()}
     for name, s in splits.items():
         if len(s) == 0:
             raise DataError(f"the {name} rows of {ds.root} are empty: add images or change the split plan")
     if len(np.unique(splits["train"].labels)) < 2:
         raise DataError(f"the train rows of {ds.root} hold fewer than 2 classes")
-    return splits
+    return splits, positions
+
+
+def _concat_splits(a: Split, b: Split, name: str) -> Split:
+    """Two splits of one dataset as one (train + val for the final fit); paths are relative to the same root."""
+    return Split(name, a.root, a.paths + b.paths, np.concatenate([a.labels, b.labels]), a.classes)
+
+
+def hyper_rule(n_train: int, config: FinetuneConfig) -> tuple[FinetuneConfig, dict[str, Any]]:
+    """The few-shot rule (no val labels): schedule length by dataset size, fixed LR, no early stopping.
+
+    Modelled on BiT's HyperRule (Kolesnikov et al. 2020), scaled to a CPU budget (see :data:`RULE_STEPS`).
+    Returns the config to train with (``epochs`` = the rule's, patience 0) and a record of the rule.
+    """
+    steps = config.rule_steps or next(s for limit, s in RULE_STEPS if limit is None or n_train < limit)
+    batch = config.batch_size
+    per_epoch = max(1, n_train // batch if n_train % batch == 1 and n_train > batch else math.ceil(n_train / batch))
+    epochs = max(1, math.ceil(steps / per_epoch))
+    cfg = replace(
+        config,
+        epochs=epochs,
+        lr=RULE_LR[config.optimizer],
+        weight_decay=0.0,
+        warmup_epochs=RULE_WARMUP_FRACTION * epochs,
+        early_stopping_patience=0,
+    )
+    info = {
+        "name": "featx few-shot rule (after BiT HyperRule)",
+        "n_train": n_train,
+        "steps": epochs * per_epoch,
+        "target_steps": steps,
+        "epochs": epochs,
+        "lr": cfg.lr,
+        "weight_decay": 0.0,
+        "warmup_fraction": RULE_WARMUP_FRACTION,
+    }
+    return cfg, info
 
 
 def _trainable_prefixes(config: FinetuneConfig, blocks: list[list[str]]) -> tuple[str, ...] | None:
@@ -389,36 +549,30 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def _make_loaders(
-    bb: Backbone, splits: dict[str, Split], config: FinetuneConfig, workers: int, device: torch.device
-) -> dict[str, Any]:
+def _make_loader(bb: Backbone, split: Split, *, train: bool, config: FinetuneConfig, workers: int, device: torch.device) -> Any:
     import torch
     from torch.utils.data import DataLoader
 
     size = bb.preprocessing.input_size
     augment = {a: a in config.augment for a in AUGMENTATIONS}
-    loaders = {}
-    for name, s in splits.items():
-        train = name == "train"
-        files = ImageFiles(
-            s.root,
-            s.paths,
-            s.labels,
-            bb.preprocessing.build_transform(train=train, augment=augment),
-            failed_shape=(3, size, size),
-        )
-        loaders[name] = DataLoader(
-            files,
-            batch_size=config.batch_size,
-            shuffle=train,
-            num_workers=workers,
-            generator=torch.Generator() if train else None,
-            worker_init_fn=_seed_worker,
-            drop_last=train and len(s) % config.batch_size == 1,  # a batch of one breaks BatchNorm in train mode
-            persistent_workers=workers > 0 and not train,  # train workers restart per epoch: exact resume
-            pin_memory=device.type == "cuda",
-        )
-    return loaders
+    files = ImageFiles(
+        split.root,
+        split.paths,
+        split.labels,
+        bb.preprocessing.build_transform(train=train, augment=augment),
+        failed_shape=(3, size, size),
+    )
+    return DataLoader(
+        files,
+        batch_size=config.batch_size,
+        shuffle=train,
+        num_workers=workers,
+        generator=torch.Generator() if train else None,
+        worker_init_fn=_seed_worker,
+        drop_last=train and len(split) % config.batch_size == 1,  # a batch of one breaks BatchNorm in train mode
+        persistent_workers=workers > 0 and not train,  # train workers restart per epoch: exact resume
+        pin_memory=device.type == "cuda",
+    )
 
 
 def _rng_state() -> dict[str, Any]:
@@ -448,7 +602,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _rows_key(splits: dict[str, Split]) -> str:
-    """Which images and labels the run uses (not their content: the dataset may move)."""
+    """Which images and labels a stage uses (not their content: the dataset may move)."""
     h = hashlib.sha256()
     for name, s in splits.items():
         h.update(f"\x1d{name}".encode())
@@ -493,35 +647,312 @@ def _save_atomic(path: Path, write: Callable[[Path], None]) -> None:
 class _TrainState:
     """What an epoch leaves behind; saved in the checkpoint next to model, optimizer and RNG states."""
 
-    next_epoch: int = 0
+    next_epoch: int = 0  # 0-based index of the next training epoch
     best_val_accuracy: float = -1.0
-    best_epoch: int = 0  # 1-based, like history[i]["epoch"]
+    best_epoch: int = 0  # 1-based like history[i]["epoch"]; 0 = before any update (lp-ft's probe)
     best_state: dict[str, Any] | None = None
     epochs_without_improvement: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
 
-    def update(self, epoch: int, stats: dict[str, float], val_accuracy: float, lr: float, model: nn.Module) -> None:
-        self.history.append(
-            {
-                "epoch": epoch + 1,
-                "train_loss": stats["loss"],
-                "train_accuracy": stats["accuracy"],
-                "val_accuracy": val_accuracy,
-                "lr": lr,
-                "images": stats["images"],
-                "seconds": stats["seconds"],
-            }
-        )
-        if val_accuracy > self.best_val_accuracy:
-            self.best_val_accuracy, self.best_epoch, self.epochs_without_improvement = val_accuracy, epoch + 1, 0
+    def consider(self, epoch: int, val_accuracy: float, model: nn.Module) -> None:
+        """Early-stopping bookkeeping. Ties count as progress: a later epoch with equal val accuracy becomes the
+        best and resets the patience, so a warm-up epoch is only kept when it really is the best."""
+        if val_accuracy >= self.best_val_accuracy:
+            self.best_val_accuracy, self.best_epoch, self.epochs_without_improvement = val_accuracy, epoch, 0
             self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         else:
             self.epochs_without_improvement += 1
-        self.next_epoch = epoch + 1
+
+    @property
+    def epochs_run(self) -> int:
+        return sum(1 for h in self.history if h["epoch"] > 0)
+
+
+@dataclass
+class _Env:
+    """What every training run of one call shares: dataset rows, backbone (reset to ``pretrained`` per run), loaders."""
+
+    ds: ImageDataset
+    splits: dict[str, Split]
+    positions: dict[str, tuple[str, np.ndarray]]
+    bb: Backbone
+    pretrained: dict[str, Any]
+    device: Any
+    workers: int
+    prefixes: tuple[str, ...] | None
+    progress: bool
+    loaders: dict[tuple[str, bool], Any] = field(default_factory=dict)
+    features: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.ds.classes)
+
+    def split(self, name: str) -> Split:
+        if name == "fit" and "fit" not in self.splits:
+            self.splits["fit"] = _concat_splits(self.splits["train"], self.splits["val"], "fit")
+        return self.splits[name]
+
+    def loader(self, name: str, *, train: bool, config: FinetuneConfig) -> Any:
+        key = (name, train)
+        if key not in self.loaders:
+            self.loaders[key] = _make_loader(
+                self.bb, self.split(name), train=train, config=config, workers=self.workers, device=self.device
+            )
+        return self.loaders[key]
+
+    def probe_features(self, name: str, config: FinetuneConfig) -> tuple[np.ndarray, np.ndarray]:
+        """Pretrained (frozen) pooled features and labels of a split; images that failed to decode are left out."""
+        if name not in self.features:
+            from featx.inference import compute_features
+
+            self.bb.model.load_state_dict(self.pretrained)  # runs before this one changed the weights in place
+            s = self.split(name)
+            X, errors = compute_features(
+                self.bb,
+                s.root,
+                s.paths,
+                device=self.device,
+                num_workers=self.workers,
+                precision=config.precision,
+                progress=self.progress,
+            )
+            ok = np.array([not e for e in errors], dtype=bool)
+            self.features[name] = (X[ok], s.labels[ok])
+        return self.features[name]
+
+    def build_model(self, config: FinetuneConfig, probe: tuple[np.ndarray, np.ndarray] | None) -> nn.Module:
+        """The pretrained backbone and a new head (seeded), or the probe copied into it."""
+        import torch
+        from torch import nn
+
+        torch.manual_seed(config.seed)
+        np.random.seed(config.seed)
+        random.seed(config.seed)
+        self.bb.model.load_state_dict(self.pretrained)
+        head = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(self.bb.feature_dim, self.n_classes))
+        if probe is not None:
+            init_head_from_probe(head[1], *probe)
+        model = nn.Sequential(OrderedDict(backbone=self.bb.model, head=head))
+        for name, p in model.backbone.named_parameters():
+            p.requires_grad_(_is_trainable(name, self.prefixes))
+        fmt = torch.channels_last if config.channels_last else torch.contiguous_format
+        return model.to(self.device, memory_format=fmt)
+
+
+@contextlib.contextmanager
+def _logs_above_bars(enabled: bool) -> Iterator[None]:
+    """Route log lines through ``tqdm.write`` while bars are shown, so the epoch lines do not tear them."""
+    if not enabled:
+        yield
+        return
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm():
+        yield
+
+
+@dataclass
+class _StageOutcome:
+    state: _TrainState
+    model: nn.Module
+    meta: dict[str, Any]
+    resumed_from: int | None
+    config: FinetuneConfig
+
+
+def _run_stage(
+    env: _Env,
+    cfg: FinetuneConfig,
+    *,
+    stage: str,
+    fit: str,
+    use_val: bool,
+    epochs: int,
+    probe: Callable[[], tuple[tuple[np.ndarray, np.ndarray] | None, dict[str, Any]]],
+    ckpt_path: Path,
+    resume: bool,
+    label: str = "",
+) -> _StageOutcome:
+    """Train ``epochs`` epochs (at most) on split ``fit`` from the pretrained start, on ``cfg``'s LR schedule.
+
+    ``use_val``: score val after every epoch, keep the best (early stopping, lp-ft's epoch 0 a candidate).
+    Otherwise the last weights are the result (final refit, rule). ``probe()`` gives the lp-ft head and a record
+    stored in the checkpoint (``meta``); it is only called for a fresh start. A ``select``/``rule`` checkpoint
+    that belongs to another run is refused (MismatchError); a stale ``final`` checkpoint is started over.
+    """
+    import torch
+    from torch import nn
+
+    splits = {fit: env.split(fit), **({"val": env.split("val")} if use_val else {}), "test": env.split("test")}
+    rows_key = _rows_key(splits)
+    ckpt = None
+    if resume and ckpt_path.is_file():
+        try:
+            ckpt = _load_checkpoint(ckpt_path, cfg, env.bb, rows_key)
+            if ckpt.get("stage", stage) != stage or (
+                stage == "final" and (ckpt.get("target_epochs") != epochs or ckpt.get("config") != cfg.to_dict())
+            ):
+                raise MismatchError(f"checkpoint {ckpt_path} belongs to another stage or epoch count")
+        except MismatchError:
+            if stage != "final":
+                raise
+            log.info("%s: stale final-fit checkpoint, starting the refit over", ckpt_path)
+            ckpt = None
+    if ckpt is None:
+        head_init, meta = probe()
+    else:
+        head_init, meta = None, dict(ckpt.get("meta") or {})
+    model = env.build_model(cfg, head_init)
+    cl = cfg.channels_last
+    train_loader = env.loader(fit, train=True, config=cfg)
+    optimizer = _make_optimizer(model, cfg)
+    steps = len(train_loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.epochs * steps, round(cfg.warmup_epochs * steps)))
+    scaler = torch.amp.GradScaler(env.device.type) if cfg.precision == "fp16" else None
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    state = _TrainState()
+    resumed_from = None
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if scaler is not None and ckpt["scaler"]:
+            scaler.load_state_dict(ckpt["scaler"])
+        state = _TrainState(
+            ckpt["epoch"] + 1,
+            ckpt["best_val_accuracy"],
+            ckpt["best_epoch"],
+            ckpt["best_state"],
+            ckpt["epochs_without_improvement"],
+            list(ckpt["history"]),
+        )
+        _set_rng_state(ckpt["rng"])
+        resumed_from = state.next_epoch
+        log.info("%sresuming from %s after epoch %d", label, ckpt_path, state.next_epoch)
+    elif use_val and cfg.strategy == "lp-ft":  # epoch 0: the probe-initialised network is a candidate
+        t0 = time.perf_counter()
+        y_true, y_pred = evaluate(model, env.loader("val", train=False, config=cfg), env.device, cfg.precision, channels_last=cl)
+        acc = float(np.mean(y_true == y_pred))
+        state.consider(0, acc, model)
+        state.history.append(
+            {"epoch": 0, "train_loss": None, "train_accuracy": None, "val_accuracy": acc, "lr": 0.0, "images": 0, "seconds": 0.0}
+        )
+        meta.setdefault("lp_stage", {})["head_val_accuracy"] = acc
+        log.info(
+            format_epoch_line(
+                0, epochs, val_accuracy=acc, best_epoch=0, best_val_accuracy=acc, seconds=time.perf_counter() - t0, prefix=label
+            )
+        )
+
+    for epoch in range(state.next_epoch, epochs):
+        if use_val and cfg.early_stopping_patience and state.epochs_without_improvement >= cfg.early_stopping_patience:
+            log.info("%searly stopping: no val improvement for %d epochs", label, cfg.early_stopping_patience)
+            break
+        t0 = time.perf_counter()
+        _set_train_mode(model, cfg.strategy, env.prefixes, cfg.freeze_bn_stats)
+        train_loader.generator.manual_seed(cfg.seed * 100_003 + epoch)
+        stats = train_one_epoch(
+            model,
+            criterion,
+            optimizer,
+            scheduler,
+            train_loader,
+            env.device,
+            cfg.precision,
+            scaler,
+            env.progress,
+            channels_last=cl,
+            desc=f"{label}epoch {epoch + 1}/{epochs}",
+        )
+        entry = {
+            "epoch": epoch + 1,
+            "train_loss": stats["loss"],
+            "train_accuracy": stats["accuracy"],
+            "val_accuracy": None,
+            "lr": optimizer.param_groups[-1]["lr"],
+            "images": stats["images"],
+            "seconds": stats["seconds"],
+        }
+        if use_val:
+            y_true, y_pred = evaluate(
+                model, env.loader("val", train=False, config=cfg), env.device, cfg.precision, channels_last=cl
+            )
+            entry["val_accuracy"] = float(np.mean(y_true == y_pred))
+            state.consider(epoch + 1, entry["val_accuracy"], model)
+        state.history.append(entry)
+        state.next_epoch = epoch + 1
+        log.info(
+            format_epoch_line(
+                epoch + 1,
+                epochs,
+                train_loss=entry["train_loss"],
+                train_accuracy=entry["train_accuracy"],
+                val_accuracy=entry["val_accuracy"],
+                best_epoch=state.best_epoch if use_val else None,
+                best_val_accuracy=state.best_val_accuracy,
+                lr=entry["lr"],
+                seconds=time.perf_counter() - t0,
+                prefix=label,
+            )
+        )
+        checkpoint = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "epoch": epoch,
+            **{k: v for k, v in vars(state).items() if k != "next_epoch"},
+            "stage": stage,
+            "target_epochs": epochs,
+            "config": cfg.to_dict(),
+            "embedder": env.bb.spec.to_dict(),
+            "rows_key": rows_key,
+            "meta": meta,
+            "lp_stage": meta.get("lp_stage"),
+            "rng": _rng_state(),
+            "featx_version": __version__,
+        }
+        _save_atomic(ckpt_path, lambda p, c=checkpoint: torch.save(c, p))
+
+    if use_val:
+        assert state.best_state is not None  # epochs >= 1 is validated, and a checkpoint holds >= 1 epoch
+        model.load_state_dict(state.best_state)
+    return _StageOutcome(state, model, meta, resumed_from, cfg)
+
+
+def _point_name(cfg: FinetuneConfig) -> str:
+    return f"lr{cfg.lr:g}-wd{cfg.weight_decay:g}"
+
+
+def default_search_grid(optimizer: str, device: str = "cuda") -> dict[str, list[float]]:
+    """:data:`SEARCH_GRIDS` for ``optimizer``: the 8-point GPU grid, or the 2-point CPU shrink."""
+    return {k: list(v) for k, v in SEARCH_GRIDS["cpu" if device == "cpu" else "gpu"][optimizer].items()}
+
+
+def _check_grid(grid: Any) -> dict[str, list[float]]:
+    if not isinstance(grid, dict) or set(grid) - {"lr", "weight_decay"} or not grid.get("lr"):
+        raise UsageError(f"grid must be a dict with a non-empty 'lr' list and an optional 'weight_decay' list, got {grid!r}")
+    out = {"lr": list(grid["lr"]), "weight_decay": list(grid.get("weight_decay") or [])}
+    for name, values in out.items():
+        for v in values:
+            if (
+                isinstance(v, bool)
+                or not isinstance(v, (int, float))
+                or not math.isfinite(v)
+                or v < 0
+                or (name == "lr" and v == 0)
+            ):
+                raise UsageError(f"grid {name} values must be finite numbers {'> 0' if name == 'lr' else '>= 0'}, got {v!r}")
+    return out
+
+
+def _row_pairs(source: str, rows: np.ndarray) -> list[list[Any]]:
+    return [[source, int(r)] for r in rows]
 
 
 # --------------------------------------------------------------------------------------------------
-# Entry point
+# Entry points
 
 
 def finetune(
@@ -536,150 +967,329 @@ def finetune(
     out_dir: str | os.PathLike[str],
     resume: bool = False,
     progress: bool = True,
+    final_fit: str | None = None,
+    selection: str = "val",
 ) -> dict[str, Any]:
-    """Fine-tune ``backbone`` on ``dataset``; returns the result record, also written to ``out_dir/result.json``.
+    """Fine-tune ``backbone`` on ``dataset`` with ``config``'s lr and weight decay; returns the result record,
+    also written to ``out_dir/result.json``.
 
-    ``out_dir/checkpoint.pt`` is rewritten after every epoch; ``resume=True`` continues from it at the
-    next epoch (only ``epochs``, ``early_stopping_patience``, ``device`` and ``num_workers`` may change).
+    ``selection="val"``: the epoch is chosen on val (early stopping); ``final_fit`` ``"train+val"`` (default)
+    then retrains from the pretrained weights on train + val for exactly that many epochs, ``"train"`` keeps the
+    best-on-val model. ``selection="rule"``: no val labels at all, :func:`hyper_rule`'s schedule on ``train_rows``
+    (``final_fit`` is ``"train"``). Test is scored once, on the final model.
+
+    ``out_dir/checkpoint.pt`` (selection/rule) and ``out_dir/final_checkpoint.pt`` (the refit) are rewritten after
+    every epoch; ``resume=True`` continues from them (only ``epochs``, ``early_stopping_patience``, ``device`` and
+    ``num_workers`` may change; a refit whose epoch count or config changed starts over).
     ``train_rows`` selects positions within the plan's train rows (few-shot draws); val and test stay whole.
-    Test images are scored once, with the weights of the best validation epoch.
     """
-    import torch
-    from torch import nn
+    return _run(
+        dataset,
+        backbone=backbone,
+        weights=weights,
+        image_size=image_size,
+        config=config,
+        split_plan=split_plan,
+        train_rows=train_rows,
+        out_dir=out_dir,
+        resume=resume,
+        progress=progress,
+        final_fit=final_fit,
+        selection=selection,
+        grid=None,
+    )
 
+
+def finetune_search(
+    dataset: str | os.PathLike[str] | ImageDataset,
+    *,
+    backbone: str = DEFAULT_BACKBONE,
+    weights: str = "imagenet",
+    image_size: int | None = None,
+    config: FinetuneConfig = FinetuneConfig(),
+    split_plan: SplitPlan = _DEFAULT_PLAN,
+    train_rows: Sequence[int] | np.ndarray | None = None,
+    out_dir: str | os.PathLike[str],
+    resume: bool = False,
+    progress: bool = True,
+    final_fit: str | None = None,
+    grid: dict[str, list[float]] | None = None,
+) -> dict[str, Any]:
+    """Tune like the heads: an lr x weight-decay grid for ``config.strategy``, each point trained on train with
+    early stopping on val, the best val accuracy chosen (ties: first in grid order, lr-major), then the final fit
+    with the chosen values and epoch count (see :func:`finetune`). ``grid`` defaults to
+    :func:`default_search_grid` for ``config.optimizer`` (the CPU shrink on a CPU device).
+
+    Each grid point keeps its checkpoint in ``out_dir/grid/lr<lr>-wd<wd>/``; ``resume=True`` skips finished points.
+    The result is :func:`finetune`'s plus ``grid`` (one row per point) and ``chosen``.
+    """
+    if grid is None:
+        if not isinstance(config, FinetuneConfig):
+            raise UsageError(f"config must be a FinetuneConfig, got {type(config).__name__}")
+        config.validate()
+        grid = default_search_grid(config.optimizer, runtime.resolve_device(config.device).type)
+    return _run(
+        dataset,
+        backbone=backbone,
+        weights=weights,
+        image_size=image_size,
+        config=config,
+        split_plan=split_plan,
+        train_rows=train_rows,
+        out_dir=out_dir,
+        resume=resume,
+        progress=progress,
+        final_fit=final_fit,
+        selection="val",
+        grid=_check_grid(grid),
+    )
+
+
+def _run(
+    dataset: str | os.PathLike[str] | ImageDataset,
+    *,
+    backbone: str,
+    weights: str,
+    image_size: int | None,
+    config: FinetuneConfig,
+    split_plan: SplitPlan,
+    train_rows: Sequence[int] | np.ndarray | None,
+    out_dir: str | os.PathLike[str],
+    resume: bool,
+    progress: bool,
+    final_fit: str | None,
+    selection: str,
+    grid: dict[str, list[float]] | None,
+) -> dict[str, Any]:
     t_call = time.perf_counter()
     if not isinstance(config, FinetuneConfig):
         raise UsageError(f"config must be a FinetuneConfig, got {type(config).__name__}")
     config.validate()
+    if selection not in SELECTIONS:
+        raise UsageError(f"selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
+    if final_fit is not None and final_fit not in FINAL_FITS:
+        raise UsageError(f"final_fit must be one of {', '.join(FINAL_FITS)}, got {final_fit!r}")
+    if selection == "rule" and final_fit == "train+val":
+        raise UsageError("selection='rule' uses no val labels, so the final fit is on train only (final_fit='train')")
+    final_fit = final_fit or ("train" if selection == "rule" else "train+val")
     device = runtime.resolve_device(config.device)
     runtime.check_precision(config.precision, device)
     if image_size is not None and (not isinstance(image_size, int) or image_size < 16):
         raise UsageError(f"image_size must be an int >= 16, got {image_size!r}")
     out = Path(out_dir).expanduser()
-    ckpt_path = out / CHECKPOINT_NAME
-    if resume and not ckpt_path.is_file():
-        raise UsageError(f"resume=True but there is no checkpoint at {ckpt_path}")
+    if resume and grid is None and not (out / CHECKPOINT_NAME).is_file():
+        raise UsageError(f"resume=True but there is no checkpoint at {out / CHECKPOINT_NAME}")
+    if resume and grid is not None and not (out / GRID_DIR).is_dir():
+        raise UsageError(f"resume=True but there is no grid search to resume in {out / GRID_DIR}")
     ds = dataset if isinstance(dataset, ImageDataset) else load_dataset(dataset)
-    splits = _resolve_splits(ds, split_plan, train_rows)
+    splits, positions = _resolve_splits(ds, split_plan, train_rows)
+    if selection == "rule":  # no val rows at all: not loaded, not hashed, not scored
+        splits.pop("val")
+        positions.pop("val")
     bb = build_backbone(backbone, weights, image_size=image_size)
     prefixes = _trainable_prefixes(config, bb.blocks)
-    rows_key = _rows_key(splits)
-    ckpt = _load_checkpoint(ckpt_path, config, bb, rows_key) if resume else None
-
-    torch.manual_seed(config.seed)
-    np.random.seed(config.seed)
-    random.seed(config.seed)
     workers = runtime.default_num_workers() if config.num_workers is None else config.num_workers
     runtime.configure_threads(workers, device)
     out.mkdir(parents=True, exist_ok=True)
-    n_classes = len(ds.classes)
-    cl = config.channels_last
-    with runtime.ResourceMeter(device) as meter:
-        head = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(bb.feature_dim, n_classes))
-        model = nn.Sequential(OrderedDict(backbone=bb.model, head=head))
-        lp_stage = ckpt["lp_stage"] if ckpt else None
-        if config.strategy == "lp-ft" and ckpt is None:
-            lp_stage = _linear_probe_stage(bb, head[1], splits, config, device, workers, progress)
-        for name, p in model.backbone.named_parameters():
-            p.requires_grad_(_is_trainable(name, prefixes))
-        model.to(device, memory_format=torch.channels_last if cl else torch.contiguous_format)
-        loaders = _make_loaders(bb, splits, config, workers, device)
-        optimizer = _make_optimizer(model, config)
-        steps = len(loaders["train"])
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, warmup_cosine(config.epochs * steps, round(config.warmup_epochs * steps))
-        )
-        scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
-        criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-        state = _TrainState()
-        if ckpt is not None:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            if scaler is not None and ckpt["scaler"]:
-                scaler.load_state_dict(ckpt["scaler"])
-            state = _TrainState(
-                ckpt["epoch"] + 1,
-                ckpt["best_val_accuracy"],
-                ckpt["best_epoch"],
-                ckpt["best_state"],
-                ckpt["epochs_without_improvement"],
-                list(ckpt["history"]),
-            )
-            _set_rng_state(ckpt["rng"])
-            log.info("resuming from %s after epoch %d", ckpt_path, state.next_epoch)
-        resumed_from = state.next_epoch if ckpt is not None else None
+    pretrained = {k: v.detach().clone() for k, v in bb.model.state_dict().items()}
+    env = _Env(ds, splits, positions, bb, pretrained, device, workers, prefixes, progress)
+    n_classes = env.n_classes
+    lp = config.strategy == "lp-ft"
+    probe_cache: dict[str, Any] = {}
 
-        for epoch in range(state.next_epoch, config.epochs):
-            if config.early_stopping_patience and state.epochs_without_improvement >= config.early_stopping_patience:
-                log.info("early stopping: no val improvement for %d epochs", config.early_stopping_patience)
-                break
-            _set_train_mode(model, config.strategy, prefixes, config.freeze_bn_stats)
-            loaders["train"].generator.manual_seed(config.seed * 100_003 + epoch)
-            stats = train_one_epoch(
-                model,
-                criterion,
-                optimizer,
-                scheduler,
-                loaders["train"],
-                device,
-                config.precision,
-                scaler,
-                progress,
-                channels_last=cl,
-                desc=f"epoch {epoch + 1}/{config.epochs}",
-            )
-            y_true, y_pred = evaluate(model, loaders["val"], device, config.precision, channels_last=cl)
-            state.update(epoch, stats, float(np.mean(y_true == y_pred)), optimizer.param_groups[-1]["lr"], model)
-            log.info("epoch %d/%d: %s", epoch + 1, config.epochs, state.history[-1])
-            checkpoint = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "epoch": epoch,
-                **{k: v for k, v in vars(state).items() if k != "next_epoch"},
-                "config": config.to_dict(),
-                "embedder": bb.spec.to_dict(),
-                "rows_key": rows_key,
-                "lp_stage": lp_stage,
-                "rng": _rng_state(),
-                "featx_version": __version__,
+    def selection_probe() -> tuple[tuple[np.ndarray, np.ndarray] | None, dict[str, Any]]:
+        """lp-ft: one probe for every grid point (frozen features do not depend on lr or weight decay)."""
+        if not lp:
+            return None, {}
+        if "probe" not in probe_cache:
+            t0 = time.perf_counter()
+            Xtr, ytr = env.probe_features("train", config)
+            Xva, yva = env.probe_features("val", config) if selection == "val" else (None, None)
+            p = fit_linear_probe(Xtr, ytr, Xva, yva, n_classes=n_classes)
+            info = {
+                "C": float(p.C),
+                "val_accuracy": None if p.val_accuracy is None else float(p.val_accuracy),
+                "curve": list(p.curve),
+                "at_grid_edge": bool(p.at_grid_edge),
+                "selection": getattr(p, "selection", selection),
+                "standardized": True,
+                "seconds": time.perf_counter() - t0,
             }
-            _save_atomic(ckpt_path, lambda p, c=checkpoint: torch.save(c, p))
+            log.info(
+                "lp-ft probe: C=%g chosen by %s (accuracy %s, %.1f s)",
+                info["C"],
+                info["selection"],
+                info["val_accuracy"],
+                info["seconds"],
+            )
+            probe_cache["probe"] = ((p.coef, p.intercept), info)
+        head, info = probe_cache["probe"]
+        return head, {"lp_stage": dict(info)}
 
-        assert state.best_state is not None  # epochs >= 1 is validated, and a checkpoint holds >= 1 epoch
-        model.load_state_dict(state.best_state)
-        y_true, y_pred = evaluate(model, loaders["test"], device, config.precision, channels_last=cl)
-    train_seconds = sum(h["seconds"] for h in state.history)
-    result = {
+    grid_rows: list[dict[str, Any]] = []
+    rule_info = None
+    final_outcome = None
+    with runtime.ResourceMeter(device) as meter, _logs_above_bars(progress):
+        if selection == "rule":
+            cfg, rule_info = hyper_rule(len(splits["train"]), config)
+            log.info(
+                "few-shot rule: %d images, %d epochs (%d steps), lr %.1e",
+                len(splits["train"]),
+                cfg.epochs,
+                rule_info["steps"],
+                cfg.lr,
+            )
+            chosen = _run_stage(
+                env,
+                cfg,
+                stage="rule",
+                fit="train",
+                use_val=False,
+                epochs=cfg.epochs,
+                probe=selection_probe,
+                ckpt_path=out / CHECKPOINT_NAME,
+                resume=resume,
+            )
+            model = chosen.model
+        else:
+            if grid is None:
+                points = [(config, out)]
+            else:
+                wds = grid["weight_decay"] or [config.weight_decay]
+                points = [(replace(config, lr=float(lr), weight_decay=float(wd)), None) for lr in grid["lr"] for wd in wds]
+                points = [(c, out / GRID_DIR / _point_name(c)) for c, _ in points]
+            chosen = None
+            for i, (cfg, folder) in enumerate(points):
+                assert folder is not None
+                folder.mkdir(parents=True, exist_ok=True)
+                label = "" if grid is None else f"[{i + 1}/{len(points)} lr {cfg.lr:.0e} wd {cfg.weight_decay:g}] "
+                t0 = time.perf_counter()
+                o = _run_stage(
+                    env,
+                    cfg,
+                    stage="select",
+                    fit="train",
+                    use_val=True,
+                    epochs=cfg.epochs,
+                    probe=selection_probe,
+                    ckpt_path=folder / CHECKPOINT_NAME,
+                    resume=resume,
+                    label=label,
+                )
+                row = {
+                    "lr": cfg.lr,
+                    "weight_decay": cfg.weight_decay,
+                    "val_accuracy": o.state.best_val_accuracy,
+                    "best_epoch": o.state.best_epoch,
+                    "epochs_run": o.state.epochs_run,
+                    "still_improving": o.state.best_epoch == o.state.epochs_run == cfg.epochs,
+                    "seconds": time.perf_counter() - t0,
+                    "resumed_from_epoch": o.resumed_from,
+                }
+                grid_rows.append(row)
+                if grid is not None:
+                    log.info("%sval acc %.3f at epoch %d", label, row["val_accuracy"], row["best_epoch"])
+                if chosen is None or o.state.best_val_accuracy > chosen.state.best_val_accuracy:  # ties: first in grid order
+                    chosen = o
+            assert chosen is not None
+            cfg = chosen.config
+            model = chosen.model
+            if len(points) > 1:
+                model.load_state_dict(chosen.state.best_state)  # later grid points reused the same modules
+            if final_fit == "train+val":
+                lp_info = chosen.meta.get("lp_stage") or {}
+
+                def final_probe() -> tuple[tuple[np.ndarray, np.ndarray] | None, dict[str, Any]]:
+                    if not lp:
+                        return None, {}
+                    X, y = env.probe_features("fit", config)
+                    head = fit_probe_fixed_c(X, y, lp_info["C"], n_classes=n_classes)  # the C chosen on val, no new look
+                    return head, {"lp_stage": {**lp_info, "final_C": lp_info["C"], "final_n_fit": len(y)}}
+
+                final_outcome = _run_stage(
+                    env,
+                    cfg,
+                    stage="final",
+                    fit="fit",
+                    use_val=False,
+                    epochs=chosen.state.best_epoch,
+                    probe=final_probe,
+                    ckpt_path=out / FINAL_CHECKPOINT_NAME,
+                    resume=resume,
+                    label="final fit: ",
+                )
+                model = final_outcome.model
+        trained_seconds = time.perf_counter() - t_call
+        host_rss_mb = runtime.peak_rss_mb()
+        y_true, y_pred = evaluate(
+            model, env.loader("test", train=False, config=cfg), device, cfg.precision, channels_last=cfg.channels_last
+        )
+    state = chosen.state
+    histories = [state.history] + ([final_outcome.state.history] if final_outcome is not None else [])
+    train_seconds = sum(h["seconds"] for hist in histories for h in hist)
+    train_images = sum(h["images"] for hist in histories for h in hist)
+    fit_name = "fit" if final_fit == "train+val" and selection == "val" else "train"
+    fit_rows = _row_pairs(*positions["train"]) + (_row_pairs(*positions["val"]) if fit_name == "fit" else [])
+    use_val = selection == "val"
+    epochs_budget = cfg.epochs
+    result: dict[str, Any] = {
         "strategy": config.strategy,
         "embedder": bb.spec.to_dict(),
-        "config": config.to_dict(),
+        "config": cfg.to_dict(),
         "dataset": ds.name,
-        "n_train": len(splits["train"]),
-        "n_val": len(splits["val"]),
-        "n_test": len(splits["test"]),
         "classes": list(ds.classes),
+        "selection": selection,
+        "final_fit": final_fit,
+        "n_train": len(splits["train"]),
+        "n_val": len(splits["val"]) if use_val else 0,
+        "n_test": len(splits["test"]),
+        "n_fit": len(fit_rows),
+        "rows_format": "[source split, position in that split of the dataset]",
+        "train_rows": _row_pairs(*positions["train"]),
+        "val_rows": _row_pairs(*positions["val"]) if use_val else [],
+        "test_rows": _row_pairs(*positions["test"]),
+        "fit_rows": fit_rows,
         "metrics": classification_metrics(y_true, y_pred, n_classes),
-        "val_accuracy": state.best_val_accuracy,
-        "epochs_run": len(state.history),
-        "best_epoch": state.best_epoch,
-        "stopped_early": len(state.history) < config.epochs,
-        "resumed_from_epoch": resumed_from,
+        "test_predictions": [int(v) for v in y_pred],
+        "test_labels": [int(v) for v in y_true],
+        "val_accuracy": state.best_val_accuracy if use_val else None,
+        "best_epoch": state.best_epoch if use_val else state.epochs_run,
+        "epochs_run": state.epochs_run,
+        "epochs_budget": epochs_budget,
+        "still_improving": (state.best_epoch == state.epochs_run == epochs_budget) if use_val else None,
+        "stopped_early": state.epochs_run < epochs_budget,
+        "final_epochs": final_outcome.state.epochs_run if final_outcome is not None else None,
+        "resumed_from_epoch": chosen.resumed_from,
         "history": state.history,
-        "wall_seconds": time.perf_counter() - t_call,
+        "final_history": final_outcome.state.history if final_outcome is not None else None,
+        "wall_seconds": trained_seconds,
         "train_seconds": train_seconds,
-        "train_images_per_s": sum(h["images"] for h in state.history) / max(train_seconds, 1e-9),
+        "train_images_per_s": train_images / max(train_seconds, 1e-9),
         "peak_memory_mb": meter.peak_memory_mb,
         "memory_kind": meter.memory_kind,
+        "host_rss_mb": host_rss_mb,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "total_params": sum(p.numel() for p in model.parameters()),
         "device": str(device),
         "precision": config.precision,
-        "lp_stage": lp_stage,
+        "lp_stage": (final_outcome.meta if final_outcome is not None else chosen.meta).get("lp_stage"),
+        "rule": rule_info,
         "featx_version": __version__,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    if grid is not None:
+        lrs = sorted(set(grid["lr"]))
+        result["grid"] = grid_rows
+        result["grid_spec"] = {"lr": list(grid["lr"]), "weight_decay": grid["weight_decay"] or [config.weight_decay]}
+        result["chosen"] = {
+            "optimizer": cfg.optimizer,
+            "lr": cfg.lr,
+            "weight_decay": cfg.weight_decay,
+            "epochs": state.best_epoch,
+        }
+        result["at_grid_edge"] = len(lrs) > 1 and cfg.lr in (lrs[0], lrs[-1])
+        result["train_seconds"] = sum(r["seconds"] for r in grid_rows) + sum(
+            h["seconds"] for h in (result["final_history"] or [])
+        )
     _save_atomic(out / RESULT_NAME, lambda p: p.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8"))
     return result

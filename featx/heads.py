@@ -1,9 +1,18 @@
 """Heads: scikit-learn classifiers on cached features, with the linear-evaluation protocol.
 
 Protocol (Kornblith et al. 2019): sweep the regularisation (and kernel width) on a validation split,
-pick the best by validation accuracy (ties go to the stronger regularisation), refit with the chosen
-hyper-parameters on train + val, and evaluate once on test. Sweeps run in parallel with joblib, one
-BLAS thread per worker (two single-threaded fits beat one fit with two fighting threads on small CPUs).
+pick the best by validation accuracy, refit with the chosen hyper-parameters on train + val, and evaluate
+once on test. Without a validation split the choice comes from stratified k-fold cross-validation inside the
+training rows, and with fewer than two images per class from a fixed rule (:data:`HEAD_DEFAULT_PARAMS`).
+
+Each head kind owns its sweep strategy (:class:`HeadKind`): the features are standardised (or normalised)
+once, and every fit of the sweep and the final refit shares that transform, which the exported pipeline
+carries. Logistic regression walks the C path from strong to weak regularisation with warm starts and a loose
+tolerance, stopping once validation accuracy has clearly peaked, then refits at full tolerance. The linear
+SVM solves its primal (samples outnumber features) along the same warm path. The RBF SVM computes one
+squared-distance matrix for the whole grid and fits libsvm on precomputed kernels. k-NN searches neighbours
+once for the largest k and votes for every k. Exported estimators are always the plain scikit-learn classes
+of the declared steps, so saved heads load under the allowlist below.
 
 Heads are saved with skops (no pickle). Loading accepts only the exact node types featx writes, checked in
 the file's schema before anything is built, so a head file someone sent you cannot run code.
@@ -11,11 +20,13 @@ the file's schema before anything is built, so a head file someone sent you cann
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
+import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,21 +40,75 @@ from featx.data import SplitPlan
 from featx.errors import HeadFileError, MismatchError, UsageError
 from featx.metrics import classification_metrics, softmax
 
+SWEEP_TOL = 1e-3  # solver tolerance during a sweep: only the ranking on val matters there
+REFIT_TOL = 1e-4  # the final model: scikit-learn's default tolerance
+PATIENCE = 3  # stop a regularisation path after this many consecutive points strictly below the best so far
+GRAM_MAX_BYTES = int(os.environ.get("FEATX_GRAM_MAX_MB", "4096")) * 2**20  # above: per-point RBF fits instead
+SCALE_PRIOR_ROWS = 5  # StandardScaler variances are shrunk towards their mean by this many pseudo-rows
+ABSENT_CLASS_BIAS = -1e4  # linear probe: classes without training images can never win
+SOLVERS = ("sklearn", "torch")
+
+# The rule used when there are fewer than two labelled images per class (no validation, no cross-validation).
+# They are scikit-learn's own defaults where those are sane on standardised CNN features: C=1 for logistic
+# regression, C=1 and gamma="scale" (1 / (D * Var X), here gamma_scale=1) for the RBF SVM; the linear SVM
+# takes C=1e-3 (inside its grid; larger C is effectively hard-margin there) and k-NN its nearest image.
+HEAD_DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
+    "logreg": {"C": 1.0},
+    "linear-svm": {"C": 1e-3},
+    "rbf-svm": {"C": 1.0, "gamma_scale": 1.0},
+    "knn": {"n_neighbors": 1},
+}
+
+
+@dataclass
+class SweepLevers:
+    """The speed levers of the sweeps, all on by default. Turning one off restores the plain way for that
+    step (the benchmark's ablation); results stay valid either way."""
+
+    warm_path: bool = True  # logreg / linear-svm: warm starts along the C path
+    sweep_tol: bool = True  # loose tolerance (SWEEP_TOL) during the sweep, full tolerance for the refit
+    early_stop: bool = True  # stop the path once val accuracy has clearly peaked (PATIENCE)
+    primal: bool = True  # linear-svm: featx's warm-started primal solver when samples outnumber features
+    gram: bool = True  # rbf-svm: one squared-distance matrix and precomputed kernels for the whole grid
+    one_search: bool = True  # knn: one neighbour search for the largest k
+
+
+@dataclass
+class _Ctx:
+    """What one sweep + refit share: options, and state carried from the sweep into the refit."""
+
+    levers: SweepLevers
+    n_jobs: int
+    solver: str = "sklearn"
+    device: str | None = None
+    seed: int = 0
+    state: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)  # goes into metadata (e.g. stopped_early)
+
+
+Folds = list[tuple[np.ndarray, np.ndarray]]
+
 
 @dataclass(frozen=True)
 class HeadKind:
-    """One kind of head: how to build it, what to sweep, and the exact classes its saved file may hold.
+    """One kind of head: how to build it, what to sweep, how to sweep and refit it, and the exact classes its
+    saved file may hold.
 
     ``steps`` are the pipeline's steps, in order, as featx builds them. They are also the only estimator
     classes :func:`load_head` accepts for this kind (see :data:`SAFE_NODE_TYPES`), so a new kind is
-    loadable exactly when it is registered here.
+    loadable exactly when it is registered here. ``sweep(X, y, folds, grid, ctx)`` scores grid points on
+    the already transformed rows ``X`` (each fold: train rows, val rows); ``refit(X, y, params, ctx)`` fits
+    the final classifier (the last step) on transformed rows.
     """
 
     name: str
     steps: Callable[[], tuple[tuple[str, type], ...]]  # (step name, class), imported lazily
     build: Callable[[dict[str, Any]], Any]  # params -> unfitted Pipeline
-    grid: Callable[[int, int], list[dict[str, Any]]]  # (n_features, n_train) -> grid, strongest regularisation first
+    grid: Callable[[int, int, float], list[dict[str, Any]]]  # (n_features, n_train, Var X) -> grid, strongest first
     description: str
+    sweep: Callable[[np.ndarray, np.ndarray, Folds, list[dict[str, Any]], _Ctx], list[dict[str, Any]]] | None = None
+    refit: Callable[[np.ndarray, np.ndarray, dict[str, Any], _Ctx], Any] | None = None
+    tie_break: str = "first"  # "first": strongest regularisation among ties; "default": closest to the default
 
 
 def _logreg_steps() -> tuple[tuple[str, type], ...]:
@@ -80,40 +145,401 @@ def _pipeline(steps: tuple[tuple[str, type], ...], *estimators: Any) -> Any:
     return Pipeline([(name, est) for (name, _), est in zip(steps, estimators)])
 
 
-def _build_logreg(params: dict[str, Any]) -> Any:
+def _logreg(C: float, tol: float = REFIT_TOL) -> Any:
     from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(C=C, max_iter=1000, tol=tol)
+
+
+def _linear_svc(C: float, *, dual: bool | str = "auto", tol: float = REFIT_TOL) -> Any:
+    from sklearn.svm import LinearSVC
+
+    return LinearSVC(C=C, max_iter=5000, dual=dual, tol=tol)
+
+
+def _svc(params: dict[str, Any]) -> Any:
+    from sklearn.svm import SVC
+
+    return SVC(kernel="rbf", C=params.get("C", 1.0), gamma=params.get("gamma", "scale"))
+
+
+def _knn(k: int) -> Any:
+    from sklearn.neighbors import KNeighborsClassifier
+
+    # L2-normalised features + euclidean distance = cosine neighbours, the usual k-NN probe. Brute force always:
+    # a tree index (chosen automatically for narrow features) would put Cython tree objects into the head file.
+    return KNeighborsClassifier(n_neighbors=k, weights="distance", algorithm="brute")
+
+
+def _build_logreg(params: dict[str, Any]) -> Any:
     from sklearn.preprocessing import StandardScaler
 
-    return _pipeline(_logreg_steps(), StandardScaler(), LogisticRegression(C=params.get("C", 1.0), max_iter=1000, tol=1e-4))
+    return _pipeline(_logreg_steps(), StandardScaler(), _logreg(params.get("C", 1.0)))
 
 
 def _build_linear_svm(params: dict[str, Any]) -> Any:
     from sklearn.preprocessing import StandardScaler
-    from sklearn.svm import LinearSVC
 
-    return _pipeline(_linear_svm_steps(), StandardScaler(), LinearSVC(C=params.get("C", 1.0), max_iter=5000, dual="auto"))
+    return _pipeline(_linear_svm_steps(), StandardScaler(), _linear_svc(params.get("C", 1.0)))
 
 
 def _build_rbf_svm(params: dict[str, Any]) -> Any:
     from sklearn.preprocessing import StandardScaler
-    from sklearn.svm import SVC
 
-    return _pipeline(
-        _rbf_svm_steps(), StandardScaler(), SVC(kernel="rbf", C=params.get("C", 1.0), gamma=params.get("gamma", "scale"))
-    )
+    return _pipeline(_rbf_svm_steps(), StandardScaler(), _svc(params))
 
 
 def _build_knn(params: dict[str, Any]) -> Any:
-    from sklearn.neighbors import KNeighborsClassifier
     from sklearn.preprocessing import Normalizer
 
-    # L2-normalised features + euclidean distance = cosine neighbours, the usual k-NN probe. Brute force always:
-    # a tree index (chosen automatically for narrow features) would put Cython tree objects into the head file.
-    return _pipeline(
-        _knn_steps(),
-        Normalizer(),
-        KNeighborsClassifier(n_neighbors=params.get("n_neighbors", 5), weights="distance", algorithm="brute"),
-    )
+    return _pipeline(_knn_steps(), Normalizer(), _knn(params.get("n_neighbors", 5)))
+
+
+# --------------------------------------------------------------------------------------------------
+# sweep strategies
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Sweep fits at a loose tolerance may stop before converging; that is the point, not a warning."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        yield
+
+
+def _accuracy(pred: np.ndarray, y: np.ndarray) -> float:
+    return float((np.asarray(pred) == y).mean()) if len(y) else float("nan")
+
+
+def _path_order(grid: list[dict[str, Any]]) -> list[int]:
+    """Grid indices from strong to weak regularisation (small C first)."""
+    return sorted(range(len(grid)), key=lambda i: grid[i]["C"])
+
+
+def _walk_path(
+    grid: list[dict[str, Any]], folds: Folds, ctx: _Ctx, fit_point: Callable[[int, float, float], float]
+) -> list[dict[str, Any]]:
+    """Score grid points along the C path; ``fit_point(fold, C, tol) -> val accuracy`` keeps its own warm state.
+    Stops after PATIENCE consecutive points strictly below the best so far (lever ``early_stop``)."""
+    tol = SWEEP_TOL if ctx.levers.sweep_tol else REFIT_TOL
+    curve: dict[int, dict[str, Any]] = {}
+    best, below = -1.0, 0
+    for i in _path_order(grid):
+        t0 = time.perf_counter()
+        acc = float(np.mean([fit_point(f, float(grid[i]["C"]), tol) for f in range(len(folds))]))
+        curve[i] = {"params": grid[i], "val_accuracy": acc, "seconds": time.perf_counter() - t0}
+        if acc > best:
+            best, below = acc, 0
+        elif acc < best:
+            below += 1
+        if ctx.levers.early_stop and below >= PATIENCE and len(curve) < len(grid):
+            ctx.info["stopped_early"] = True
+            break
+    ctx.info.setdefault("stopped_early", False)
+    return [curve[i] for i in sorted(curve)]
+
+
+def _sweep_logreg(X: np.ndarray, y: np.ndarray, folds: Folds, grid: list[dict[str, Any]], ctx: _Ctx) -> list[dict[str, Any]]:
+    parts = [(X[tr], y[tr], X[va], y[va]) for tr, va in folds]
+    if ctx.solver == "torch":
+        warm_t: list[Any] = [None] * len(folds)
+
+        def fit_point_t(f: int, C: float, tol: float) -> float:
+            Xtr, ytr, Xva, yva = parts[f]
+            lr = _torch_logreg_arrays(Xtr, ytr, C, tol=tol, init=warm_t[f] if ctx.levers.warm_path else None, device=ctx.device)
+            warm_t[f] = lr
+            ctx.state.setdefault("warm", {})[C] = lr if f == 0 else ctx.state["warm"].get(C)
+            return _accuracy(lr.predict(Xva), yva)
+
+        return _walk_path(grid, folds, ctx, fit_point_t)
+
+    models: list[Any] = [None] * len(folds)
+
+    def fit_point(f: int, C: float, tol: float) -> float:
+        Xtr, ytr, Xva, yva = parts[f]
+        m = models[f] if ctx.levers.warm_path and models[f] is not None else _logreg(C, tol)
+        m.set_params(C=C, tol=tol, warm_start=ctx.levers.warm_path)
+        with _quiet():
+            m.fit(Xtr, ytr)
+        models[f] = m
+        if f == 0:
+            ctx.state.setdefault("warm", {})[C] = (m.coef_.copy(), m.intercept_.copy(), m.classes_.copy())
+        return _accuracy(m.predict(Xva), yva)
+
+    return _walk_path(grid, folds, ctx, fit_point)
+
+
+def _refit_logreg(X: np.ndarray, y: np.ndarray, params: dict[str, Any], ctx: _Ctx) -> Any:
+    C = float(params["C"])
+    warm = ctx.state.get("warm", {}).get(C) if ctx.levers.warm_path else None
+    if ctx.solver == "torch":
+        return _torch_logreg_arrays(X, y, C, tol=REFIT_TOL, init=warm, device=ctx.device)
+    m = _logreg(C, REFIT_TOL)
+    if warm is not None and np.array_equal(warm[2], np.unique(y)):
+        m.set_params(warm_start=True)
+        m.coef_, m.intercept_ = warm[0].copy(), warm[1].copy()
+    with _quiet():
+        m.fit(X, y)
+    m.set_params(warm_start=False)
+    return m
+
+
+# linear SVM: OvR squared hinge, L2, bias as a regularised feature of value 1 (exactly LinearSVC's problem)
+
+
+def _ovr_targets(y: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    if len(classes) == 2:
+        return np.where(y == classes[1], 1.0, -1.0)[:, None]
+    return np.where(y[:, None] == classes[None, :], 1.0, -1.0)
+
+
+def _sqhinge_primal(
+    X: np.ndarray, Y: np.ndarray, C: float, *, tol: float, W0: np.ndarray | None = None
+) -> tuple[np.ndarray, int]:
+    """min 0.5||W||^2 + C sum max(0, 1 - Y * (X W[:-1] + W[-1]))^2 for every class column at once (L-BFGS).
+    Stops when the gradient's largest entry is below ``tol`` times its value at W = 0."""
+    from scipy.optimize import minimize
+
+    d, k = X.shape[1], Y.shape[1]
+
+    def fg(w: np.ndarray) -> tuple[float, np.ndarray]:
+        W = w.reshape(d + 1, k)
+        Z = X @ W[:d] + W[d]
+        M = np.maximum(0.0, 1.0 - Y * Z)
+        GZ = (-2.0 * C) * Y * M
+        G = np.empty_like(W)
+        G[:d] = X.T @ GZ + W[:d]
+        G[d] = GZ.sum(axis=0) + W[d]
+        return 0.5 * float((W * W).sum()) + C * float((M * M).sum()), G.ravel()
+
+    g0 = np.abs(fg(np.zeros((d + 1) * k))[1]).max()
+    w0 = np.zeros((d + 1) * k) if W0 is None else W0.ravel()
+    res = minimize(fg, w0, jac=True, method="L-BFGS-B", options={"maxiter": 5000, "gtol": tol * g0, "ftol": 1e-14, "maxcor": 20})
+    return res.x.reshape(d + 1, k), int(res.nit)
+
+
+def _linear_svc_from(W: np.ndarray, classes: np.ndarray, C: float, n_iter: int, d: int) -> Any:
+    """A fitted LinearSVC holding the primal solution ``W`` (what LinearSVC.fit would store)."""
+    m = _linear_svc(C, dual=False)
+    m.coef_ = np.ascontiguousarray(W[:d].T)
+    m.intercept_ = W[d].copy()
+    m.classes_ = classes
+    m.n_features_in_ = d
+    m.n_iter_ = n_iter
+    return m
+
+
+def _use_primal(n: int, d: int, ctx: _Ctx) -> bool:
+    return ctx.levers.primal and n > d
+
+
+def _sweep_linear_svm(X: np.ndarray, y: np.ndarray, folds: Folds, grid: list[dict[str, Any]], ctx: _Ctx) -> list[dict[str, Any]]:
+    d = X.shape[1]
+    if all(_use_primal(len(tr), d, ctx) for tr, _ in folds):
+        X64 = X.astype(np.float64)
+        parts = []
+        for tr, va in folds:
+            classes = np.unique(y[tr])
+            parts.append((X64[tr], _ovr_targets(y[tr], classes), X64[va], y[va], classes))
+        warm: list[np.ndarray | None] = [None] * len(folds)
+
+        def fit_point(f: int, C: float, tol: float) -> float:
+            Xtr, Ytr, Xva, yva, classes = parts[f]
+            W, _ = _sqhinge_primal(Xtr, Ytr, C, tol=tol, W0=warm[f] if ctx.levers.warm_path else None)
+            warm[f] = W
+            if f == 0:
+                ctx.state.setdefault("warm", {})[C] = W
+            scores = Xva @ W[:d] + W[d]
+            pred = classes[(scores[:, 0] > 0).astype(int)] if len(classes) == 2 else classes[scores.argmax(axis=1)]
+            return _accuracy(pred, yva)
+
+        return _walk_path(grid, folds, ctx, fit_point)
+    # the plain way: liblinear per grid point (dual when features outnumber samples), points in parallel
+    tol = SWEEP_TOL if ctx.levers.sweep_tol else REFIT_TOL
+    return _parallel_points(grid, folds, ctx, lambda p: _linear_svc(p["C"], tol=tol), X, y, backend="loky")
+
+
+def _refit_linear_svm(X: np.ndarray, y: np.ndarray, params: dict[str, Any], ctx: _Ctx) -> Any:
+    C = float(params["C"])
+    n, d = X.shape
+    if _use_primal(n, d, ctx):
+        classes = np.unique(y)
+        warm = ctx.state.get("warm", {}).get(C) if ctx.levers.warm_path else None
+        W, nit = _sqhinge_primal(X.astype(np.float64), _ovr_targets(y, classes), C, tol=1e-5, W0=warm)
+        return _linear_svc_from(W, classes, C, nit, d)
+    with _quiet():
+        return _linear_svc(C).fit(X, y)
+
+
+def _score_point(est: Any, X: np.ndarray, y: np.ndarray, folds: Folds) -> float:
+    accs = []
+    for tr, va in folds:
+        with _quiet():
+            accs.append(_accuracy(est.fit(X[tr], y[tr]).predict(X[va]), y[va]))
+    return float(np.mean(accs))
+
+
+def _parallel_points(
+    grid: list[dict[str, Any]],
+    folds: Folds,
+    ctx: _Ctx,
+    make: Callable[[dict[str, Any]], Any],
+    X: np.ndarray,
+    y: np.ndarray,
+    *,
+    backend: str,
+) -> list[dict[str, Any]]:
+    """Every grid point fitted from scratch (on every fold), points spread over ``ctx.n_jobs`` workers."""
+    from joblib import Parallel, delayed, parallel_config
+
+    def one(p: dict[str, Any]) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        return {"params": p, "val_accuracy": _score_point(make(p), X, y, folds), "seconds": time.perf_counter() - t0}
+
+    jobs = min(len(grid), ctx.n_jobs)
+    if jobs == 1:
+        return [one(p) for p in grid]
+    with parallel_config(backend=backend, inner_max_num_threads=1 if backend == "loky" else None):
+        return Parallel(n_jobs=jobs)(delayed(one)(p) for p in grid)
+
+
+# RBF SVM: one squared-distance matrix for the grid; libsvm on precomputed kernels, exported as an rbf SVC
+
+
+def _sq_dists(A: np.ndarray, B: np.ndarray) -> np.ndarray:
+    """Squared euclidean distances (float32 GEMM; clipped at 0)."""
+    A32, B32 = A.astype(np.float32, copy=False), B.astype(np.float32, copy=False)
+    D = A32 @ B32.T
+    D *= -2.0
+    D += (A32 * A32).sum(axis=1)[:, None]
+    D += (B32 * B32).sum(axis=1)[None, :]
+    np.maximum(D, 0.0, out=D)
+    return D
+
+
+def _gram_fits(n: int) -> bool:
+    return 3 * 8 * n * n <= GRAM_MAX_BYTES
+
+
+def _sweep_rbf_svm(X: np.ndarray, y: np.ndarray, folds: Folds, grid: list[dict[str, Any]], ctx: _Ctx) -> list[dict[str, Any]]:
+    if not (ctx.levers.gram and _gram_fits(len(X))):
+        return _parallel_points(grid, folds, ctx, _svc, X, y, backend="loky")
+    from joblib import Parallel, delayed, parallel_config
+    from sklearn.svm import SVC
+
+    t0 = time.perf_counter()
+    D = _sq_dists(X, X)
+    ctx.state["sq_dists"] = D
+    gram_seconds = time.perf_counter() - t0
+    gammas = sorted({float(p["gamma"]) for p in grid})
+    scores: dict[tuple[float, float], list[float]] = {}
+    seconds: dict[tuple[float, float], float] = {}
+    for g in gammas:
+        Cs = sorted({float(p["C"]) for p in grid if float(p["gamma"]) == g})
+        for tr, va in folds:
+            t1 = time.perf_counter()
+            Ktr = np.exp(D[np.ix_(tr, tr)] * -g, dtype=np.float64)
+            Kva = np.exp(D[np.ix_(va, tr)] * -g, dtype=np.float64)
+            kernel_s = time.perf_counter() - t1
+
+            def one(
+                C: float, Ktr: np.ndarray = Ktr, Kva: np.ndarray = Kva, tr: np.ndarray = tr, va: np.ndarray = va
+            ) -> tuple[float, float]:
+                t2 = time.perf_counter()
+                acc = _accuracy(SVC(kernel="precomputed", C=C).fit(Ktr, y[tr]).predict(Kva), y[va])
+                return acc, time.perf_counter() - t2
+
+            jobs = min(len(Cs), ctx.n_jobs)
+            with parallel_config(backend="threading"):  # libsvm releases the GIL; the kernels are shared, not copied
+                out = Parallel(n_jobs=jobs)(delayed(one)(C) for C in Cs) if jobs > 1 else [one(C) for C in Cs]
+            for C, (acc, s) in zip(Cs, out):
+                scores.setdefault((C, g), []).append(acc)
+                seconds[(C, g)] = seconds.get((C, g), 0.0) + s + (kernel_s + gram_seconds / len(gammas)) / len(Cs)
+    return [
+        {
+            "params": p,
+            "val_accuracy": float(np.mean(scores[(float(p["C"]), float(p["gamma"]))])),
+            "seconds": seconds[(float(p["C"]), float(p["gamma"]))],
+        }
+        for p in grid
+    ]
+
+
+def _svc_from_precomputed(pre: Any, X: np.ndarray, params: dict[str, Any]) -> Any:
+    """An rbf SVC holding the solution libsvm found on the precomputed rbf kernel of ``X``: the same dual
+    problem, so the same support vectors and coefficients; only where the kernel is evaluated differs."""
+    svc = _svc(params)
+    for k, v in vars(pre).items():
+        if k not in svc.get_params():  # fitted state (public and private), not hyper-parameters
+            setattr(svc, k, v)
+    svc.support_vectors_ = np.ascontiguousarray(X[pre.support_], dtype=np.float64)
+    svc.shape_fit_ = X.shape
+    svc._gamma = float(params["gamma"])
+    svc.n_features_in_ = X.shape[1]
+    return svc
+
+
+def _refit_rbf_svm(X: np.ndarray, y: np.ndarray, params: dict[str, Any], ctx: _Ctx, rows: np.ndarray | None = None) -> Any:
+    from sklearn.svm import SVC
+
+    D = ctx.state.get("sq_dists")
+    if D is None or not ctx.levers.gram:
+        with _quiet():
+            return _svc(params).fit(X, y)
+    sel = np.arange(len(D)) if rows is None else rows
+    K = np.exp(D[np.ix_(sel, sel)] * -float(params["gamma"]), dtype=np.float64)
+    pre = SVC(kernel="precomputed", C=float(params["C"])).fit(K, y)
+    return _svc_from_precomputed(pre, X, params)
+
+
+# k-NN: one neighbour search for the largest k, a distance-weighted vote for each k (as KNeighborsClassifier votes)
+
+
+def _vote(dist: np.ndarray, labels: np.ndarray, k: int, classes: np.ndarray) -> np.ndarray:
+    d, lab = dist[:, :k], labels[:, :k]
+    with np.errstate(divide="ignore"):
+        w = 1.0 / d
+    inf = np.isinf(w)
+    rows = inf.any(axis=1)
+    w[rows] = inf[rows]  # an exact match outvotes everything (scikit-learn's rule)
+    idx = np.searchsorted(classes, lab)
+    votes = np.zeros((len(d), len(classes)))
+    np.add.at(votes, (np.repeat(np.arange(len(d)), k), idx.ravel()), w.ravel())
+    return classes[votes.argmax(axis=1)]
+
+
+def _sweep_knn(X: np.ndarray, y: np.ndarray, folds: Folds, grid: list[dict[str, Any]], ctx: _Ctx) -> list[dict[str, Any]]:
+    if not ctx.levers.one_search:
+        return _parallel_points(grid, folds, ctx, lambda p: _knn(p["n_neighbors"]), X, y, backend="threading")
+    from sklearn.neighbors import NearestNeighbors
+
+    accs: dict[int, list[float]] = {}
+    t0 = time.perf_counter()
+    for tr, va in folds:
+        ks = [int(p["n_neighbors"]) for p in grid]
+        kmax = min(max(ks), len(tr))
+        dist, ind = NearestNeighbors(n_neighbors=kmax, algorithm="brute").fit(X[tr]).kneighbors(X[va])
+        labels = y[tr][ind]
+        classes = np.unique(y[tr])
+        for k in ks:
+            accs.setdefault(k, []).append(_accuracy(_vote(dist, labels, min(k, kmax), classes), y[va]))
+    per = (time.perf_counter() - t0) / len(grid)
+    return [{"params": p, "val_accuracy": float(np.mean(accs[int(p["n_neighbors"])])), "seconds": per} for p in grid]
+
+
+def _refit_knn(X: np.ndarray, y: np.ndarray, params: dict[str, Any], ctx: _Ctx) -> Any:
+    return _knn(min(int(params["n_neighbors"]), len(y))).fit(X, y)
+
+
+def _rbf_grid(d: int, n: int, var: float) -> list[dict[str, Any]]:
+    base = 1.0 / (d * (var if var > 0 else 1.0))  # scikit-learn's gamma="scale"
+    return [
+        {"C": float(c), "gamma": float(s * base), "gamma_scale": s} for c in np.logspace(-1, 3, 5) for s in (0.03, 0.1, 0.3, 1.0)
+    ]
 
 
 HEAD_KINDS: dict[str, HeadKind] = {
@@ -123,8 +549,10 @@ HEAD_KINDS: dict[str, HeadKind] = {
             "logreg",
             _logreg_steps,
             _build_logreg,
-            lambda d, n: [{"C": float(c)} for c in np.logspace(-4, 2, 13)],
+            lambda d, n, var: [{"C": float(c)} for c in np.logspace(-4, 2, 13)],
             "StandardScaler + multinomial L-BFGS logistic regression",
+            _sweep_logreg,
+            _refit_logreg,
         ),
         HeadKind(
             "linear-svm",
@@ -132,22 +560,29 @@ HEAD_KINDS: dict[str, HeadKind] = {
             _build_linear_svm,
             # Larger C on standardised high-dimensional features is effectively hard-margin: liblinear then runs
             # for minutes (52 s for one fit at C=1 on flowers17) and such C values were never selected.
-            lambda d, n: [{"C": float(c)} for c in np.logspace(-5, -1, 9)],
+            lambda d, n, var: [{"C": float(c)} for c in np.logspace(-5, -1, 9)],
             "StandardScaler + LinearSVC",
+            _sweep_linear_svm,
+            _refit_linear_svm,
         ),
         HeadKind(
             "rbf-svm",
             _rbf_svm_steps,
             _build_rbf_svm,
-            lambda d, n: [{"C": float(c), "gamma": float(g / d)} for c in np.logspace(-1, 3, 5) for g in (0.1, 1.0, 10.0)],
+            _rbf_grid,  # gamma relative to the data's scale: gamma_scale / (D * Var X)
             "StandardScaler + SVC(rbf)",
+            _sweep_rbf_svm,
+            _refit_rbf_svm,
+            tie_break="default",
         ),
         HeadKind(
             "knn",
             _knn_steps,
             _build_knn,
-            lambda d, n: [{"n_neighbors": k} for k in (20, 10, 5, 3, 1) if k <= n],
+            lambda d, n, var: [{"n_neighbors": k} for k in (20, 10, 5, 3, 1) if k <= n],
             "L2-normalise + k-NN (cosine), distance-weighted",
+            _sweep_knn,
+            _refit_knn,
         ),
     )
 }
@@ -165,9 +600,18 @@ def make_head(kind: str, **params: Any) -> Any:
     return head_kind(kind).build(params)
 
 
-def param_grid(kind: str, *, n_features: int, n_train: int) -> list[dict[str, Any]]:
-    """Hyper-parameter grid, ordered from strongest to weakest regularisation."""
-    return head_kind(kind).grid(n_features, n_train)
+def param_grid(kind: str, *, n_features: int, n_train: int, x_var: float = 1.0) -> list[dict[str, Any]]:
+    """Hyper-parameter grid, ordered from strongest to weakest regularisation. ``x_var``: variance of the
+    transformed features (the RBF kernel width is relative to it)."""
+    return head_kind(kind).grid(n_features, n_train, x_var)
+
+
+def default_params(kind: str, *, n_features: int, x_var: float = 1.0) -> dict[str, Any]:
+    """:data:`HEAD_DEFAULT_PARAMS` resolved for this data (the RBF gamma from its relative scale)."""
+    p = dict(HEAD_DEFAULT_PARAMS[head_kind(kind).name])
+    if "gamma_scale" in p:
+        p["gamma"] = float(p["gamma_scale"] / (n_features * (x_var if x_var > 0 else 1.0)))
+    return p
 
 
 def predict_scores(estimator: Any, X: np.ndarray) -> np.ndarray:
@@ -177,18 +621,320 @@ def predict_scores(estimator: Any, X: np.ndarray) -> np.ndarray:
     return softmax(estimator.decision_function(X))
 
 
-def _score_one(
-    kind: str, params: dict[str, Any], Xtr: np.ndarray, ytr: np.ndarray, Xva: np.ndarray, yva: np.ndarray
-) -> dict[str, Any]:
-    import warnings
+# --------------------------------------------------------------------------------------------------
+# torch logistic regression (multinomial, L-BFGS, full batch): CUDA, and streamed fits larger than memory
 
-    from sklearn.exceptions import ConvergenceWarning
 
+def _torch_device(device: str | None) -> Any:
+    """None or "auto": CUDA when there is one, else the CPU."""
+    import torch
+
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _torch_lbfgs_logreg(
+    batches: Callable[[], Iterable[tuple[Any, Any]]],
+    n: int,
+    d: int,
+    n_classes: int,
+    C: float,
+    *,
+    tol: float,
+    max_iter: int = 1000,
+    init: tuple[np.ndarray, np.ndarray] | None = None,
+    device: str | None = None,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Minimise scikit-learn's objective, mean log-loss + ||W||^2 / (2 C n) (intercept unpenalised), with
+    full-batch L-BFGS; ``batches()`` yields (X, y) pieces whose gradients are accumulated, so the data never
+    has to be in memory at once. Binary problems use one logit, like scikit-learn. Returns (coef, intercept,
+    iterations)."""
+    import torch
+    import torch.nn.functional as F
+
+    dev = _torch_device(device)
+    dtype = torch.float64 if dev.type == "cpu" else torch.float32
+    k = 1 if n_classes == 2 else n_classes
+    W = torch.zeros(k, d, dtype=dtype, device=dev)
+    b = torch.zeros(k, dtype=dtype, device=dev)
+    if init is not None:
+        W.copy_(torch.as_tensor(init[0])), b.copy_(torch.as_tensor(init[1]))
+    W.requires_grad_(True), b.requires_grad_(True)
+    opt = torch.optim.LBFGS(
+        [W, b],
+        lr=1,
+        max_iter=max_iter,
+        tolerance_grad=tol,
+        tolerance_change=1e-12,
+        history_size=10,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> Any:
+        opt.zero_grad()
+        total = 0.0
+        for Xc, yc in batches():
+            Xt = torch.as_tensor(Xc, device=dev).to(dtype)
+            yt = torch.as_tensor(yc, device=dev)
+            z = Xt @ W.T + b
+            if k == 1:
+                loss = F.binary_cross_entropy_with_logits(z[:, 0], yt.to(dtype), reduction="sum") / n
+            else:
+                loss = F.cross_entropy(z, yt.long(), reduction="sum") / n
+            loss.backward()
+            total += float(loss.detach())
+        reg = (W * W).sum() / (2.0 * C * n)
+        reg.backward()
+        return torch.tensor(total + float(reg.detach()))
+
+    opt.step(closure)
+    n_iter = int(opt.state[opt._params[0]].get("n_iter", 0))
+    return W.detach().cpu().numpy().astype(np.float64), b.detach().cpu().numpy().astype(np.float64), n_iter
+
+
+def _export_logreg(coef: np.ndarray, intercept: np.ndarray, classes: np.ndarray, C: float, n_iter: int) -> Any:
+    """A plain fitted scikit-learn LogisticRegression holding a solution found elsewhere (safe to save)."""
+    m = _logreg(C)
+    m.coef_ = np.ascontiguousarray(coef, dtype=np.float64)
+    m.intercept_ = np.ascontiguousarray(intercept, dtype=np.float64)
+    m.classes_ = np.asarray(classes)
+    m.n_features_in_ = int(coef.shape[1])
+    m.n_iter_ = np.asarray([n_iter], dtype=np.int32)
+    return m
+
+
+def _torch_logreg_arrays(
+    X: np.ndarray, y: np.ndarray, C: float, *, tol: float, init: Any = None, device: str | None = None
+) -> Any:
+    """In-memory torch fit of (already transformed) X; ``init`` a previous LogisticRegression (warm start)."""
+    import torch
+
+    classes = np.unique(y)
+    idx = np.searchsorted(classes, y)
+    dev = _torch_device(device)
+    Xt = torch.as_tensor(X, device=dev).to(torch.float64 if dev.type == "cpu" else torch.float32)
+    yt = torch.as_tensor(idx, device=dev)
+    start = (init.coef_, init.intercept_) if init is not None and np.array_equal(init.classes_, classes) else None
+    coef, icpt, nit = _torch_lbfgs_logreg(
+        lambda: [(Xt, yt)], len(y), X.shape[1], len(classes), C, tol=tol, init=start, device=device
+    )
+    return _export_logreg(coef, icpt, classes, C, nit)
+
+
+# --------------------------------------------------------------------------------------------------
+# choosing, and fitting on arrays
+
+
+@dataclass
+class HeadFit:
+    """A head fitted on arrays: the exported pipeline, the chosen values, the sweep curve and how they were chosen
+    ("val", "cv" or "rule"), the rows of the final fit and whether the choice sits at the edge of the grid."""
+
+    estimator: Any
+    best_params: dict[str, Any]
+    curve: list[dict[str, Any]]
+    selection: str
+    n_fit: int
+    at_grid_edge: bool
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _log_distance(p: dict[str, Any], q: dict[str, Any]) -> float:
+    keys = [k for k in ("C", "gamma_scale", "n_neighbors") if k in p and k in q]
+    return sum(abs(math.log10(float(p[k]) / float(q[k]))) for k in keys)
+
+
+def choose(kind: str, curve: list[dict[str, Any]], default: dict[str, Any] | None = None) -> int:
+    """Index of the chosen point: the best val accuracy; ties go to the strongest regularisation (first in
+    grid order), or for the RBF SVM to the point closest to its default (log scale), so a val split that
+    cannot separate grid points (1-2 shots) does not push C to its smallest value and collapse the SVM."""
+    best = max(c["val_accuracy"] for c in curve)
+    tied = [i for i, c in enumerate(curve) if c["val_accuracy"] >= best - 1e-12]
+    if head_kind(kind).tie_break == "default" and len(tied) > 1:
+        ref = default or HEAD_DEFAULT_PARAMS[kind]
+        return min(tied, key=lambda i: (_log_distance(curve[i]["params"], ref), i))
+    return tied[0]
+
+
+def grid_edge(grid: list[dict[str, Any]], params: dict[str, Any]) -> bool:
+    """Whether a chosen value sits at the end of its grid axis (so the best may lie outside the grid). k = 1
+    for k-NN is not an edge: there is no smaller k."""
+    for key in ("C", "gamma_scale", "n_neighbors"):
+        values = sorted({float(p[key]) for p in grid if key in p})
+        if len(values) > 1 and key in params:
+            v = float(params[key])
+            if v == values[-1] or (v == values[0] and key != "n_neighbors"):
+                return True
+    return False
+
+
+def shrink_scaler(scaler: Any) -> Any:
+    """Shrink a fitted StandardScaler's per-feature variances towards their mean, as if SCALE_PRIOR_ROWS more
+    rows had the average variance. With thousands of rows this changes nothing that matters; with a few shots
+    it stops features that happen to be (nearly) constant on the few training images (common after a ReLU)
+    from being blown up by a tiny standard deviation, which made every test point look infinitely far away
+    (the RBF SVM then predicted one class: 0.46 at 1 shot on hymenoptera)."""
+    n = float(np.max(scaler.n_samples_seen_))
+    var = (n * scaler.var_ + SCALE_PRIOR_ROWS * float(np.mean(scaler.var_))) / (n + SCALE_PRIOR_ROWS)
+    scaler.var_ = var
+    scaler.scale_ = np.where(var > 0, np.sqrt(var), 1.0)
+    return scaler
+
+
+def fit_transform_step(cls: type, X: np.ndarray) -> Any:
+    """The first pipeline step, fitted once on X (a StandardScaler's variances shrunk, see :func:`shrink_scaler`)."""
+    step = cls().fit(X)
+    return shrink_scaler(step) if hasattr(step, "var_") else step
+
+
+def _contiguous(rows: np.ndarray) -> np.ndarray | slice:
+    return slice(int(rows[0]), int(rows[-1]) + 1) if len(rows) and np.all(np.diff(rows) == 1) else rows
+
+
+def fit_head_arrays(
+    kind: str,
+    X: np.ndarray,
+    y: np.ndarray,
+    *,
+    X_val: np.ndarray | None = None,
+    y_val: np.ndarray | None = None,
+    cv_folds: int | None = None,
+    final_fit: str = "train+val",
+    grid: list[dict[str, Any]] | None = None,
+    n_jobs: int | None = None,
+    seed: int = 0,
+    solver: str = "sklearn",
+    device: str | None = None,
+    levers: SweepLevers | None = None,
+) -> HeadFit:
+    """Choose hyper-parameters and fit head ``kind`` on arrays.
+
+    Selection: ``"val"`` when ``X_val`` is given (refit on train + val, or on train with ``final_fit="train"``);
+    otherwise ``"cv"``: stratified k-fold inside (X, y) when every class has >= 2 rows (folds = min(cv_folds or
+    5, smallest class count)), refit on all of (X, y); with fewer, ``"rule"``: :data:`HEAD_DEFAULT_PARAMS`.
+    The transform (StandardScaler / Normalizer) is fitted once on X and shared by every fit and the export.
+    ``solver="torch"`` (logreg only) fits with torch L-BFGS, optionally on ``device``.
+    """
+    hk = head_kind(kind)
+    if final_fit not in FINAL_FITS:
+        raise UsageError(f"final_fit must be one of {', '.join(FINAL_FITS)}, got {final_fit!r}")
+    if solver not in SOLVERS:
+        raise UsageError(f"solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
+    if solver == "torch" and kind != "logreg":
+        raise UsageError(f"solver 'torch' fits logistic regression only, not a {kind} head")
+    X = np.asarray(X)
+    y = np.asarray(y)
+    if X.ndim != 2 or len(X) != len(y) or len(y) == 0:
+        raise UsageError(f"X must be (rows, features) with one label per row, got {X.shape} and {y.shape}")
+    if len(np.unique(y)) < 2:
+        raise UsageError("a head needs at least two classes in the training rows")
+    ctx = _Ctx(levers or SweepLevers(), max(1, n_jobs or os.cpu_count() or 1), solver, device, seed)
+    steps = hk.steps()
+    prep = fit_transform_step(steps[0][1], X)  # one transform, fitted once, shared by every fit and exported
+    Xt = prep.transform(X)
+    x_var = float(Xt.var()) if kind == "rbf-svm" else 1.0
+    n_tr = len(y)
+    if X_val is not None and y_val is not None and len(y_val):
+        selection = "val"
+        X_all = np.concatenate([Xt, prep.transform(np.asarray(X_val))])
+        y_all = np.concatenate([y, np.asarray(y_val)])
+        folds: Folds = [(np.arange(n_tr), np.arange(n_tr, len(y_all)))]
+        fit_rows = np.arange(len(y_all)) if final_fit == "train+val" else np.arange(n_tr)
+    else:
+        X_all, y_all, fit_rows = Xt, y, np.arange(n_tr)
+        counts = np.unique(y, return_counts=True)[1]
+        n_folds = min(cv_folds or 5, int(counts.min()))
+        if n_folds >= 2:
+            from sklearn.model_selection import StratifiedKFold
+
+            selection = "cv"
+            folds = list(StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(np.zeros(n_tr), y))
+        else:
+            selection, folds = "rule", []
     t0 = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        est = make_head(kind, **params).fit(Xtr, ytr)
-    return {"params": params, "val_accuracy": float((est.predict(Xva) == yva).mean()), "seconds": time.perf_counter() - t0}
+    default = default_params(kind, n_features=X.shape[1], x_var=x_var)
+    if selection == "rule":
+        curve, best_params, full_grid = [], default, [default]
+    else:
+        full_grid = grid or hk.grid(X.shape[1], min(len(tr) for tr, _ in folds), x_var)
+        curve = hk.sweep(X_all, y_all, folds, full_grid, ctx)
+        best_params = curve[choose(kind, curve, default)]["params"]
+    t1 = time.perf_counter()
+    rows = _contiguous(fit_rows)
+    if kind == "rbf-svm":
+        clf = _refit_rbf_svm(X_all[rows], y_all[rows], best_params, ctx, rows=fit_rows)
+    else:
+        clf = hk.refit(X_all[rows], y_all[rows], best_params, ctx)
+    ctx.info.update(sweep_seconds=t1 - t0, refit_seconds=time.perf_counter() - t1)
+    estimator = _pipeline(steps, prep, clf)
+    edge = selection != "rule" and grid_edge(full_grid, best_params)
+    return HeadFit(estimator, best_params, curve, selection, len(fit_rows), edge, ctx.info)
+
+
+@dataclass
+class LinearProbe:
+    """A linear probe in the RAW feature space (standardisation folded in): logits = X @ coef.T + intercept.
+    Classes without training rows have zero weights and a bias of ABSENT_CLASS_BIAS."""
+
+    coef: np.ndarray  # (n_classes, D) float32
+    intercept: np.ndarray  # (n_classes,) float32
+    C: float
+    val_accuracy: float
+    curve: list[dict[str, Any]]
+    at_grid_edge: bool
+    selection: str = "val"
+
+
+def fit_linear_probe(
+    X_train: np.ndarray,
+    y_train: np.ndarray,
+    X_val: np.ndarray | None,
+    y_val: np.ndarray | None,
+    *,
+    n_classes: int,
+    grid: list[dict[str, Any]] | None = None,
+    n_jobs: int | None = None,
+    seed: int = 0,
+    solver: str = "sklearn",
+    device: str | None = None,
+) -> LinearProbe:
+    """The logistic-regression sweep of ``fit-head`` (kind "logreg") as a probe for LP-FT: C chosen on val
+    (or by CV / rule without val), final fit on the training rows only (val stays held out for fine-tuning's
+    early stopping). ``val_accuracy`` is that final probe's accuracy on val (CV mean without val, NaN by rule)."""
+    y_train = np.asarray(y_train)
+    hf = fit_head_arrays(
+        "logreg",
+        X_train,
+        y_train,
+        X_val=X_val,
+        y_val=y_val,
+        final_fit="train",
+        grid=grid,
+        n_jobs=n_jobs,
+        seed=seed,
+        solver=solver,
+        device=device,
+    )
+    scaler, lr = hf.estimator.steps[0][1], hf.estimator.steps[1][1]
+    w = lr.coef_ / scaler.scale_[None, :]
+    b = lr.intercept_ - w @ scaler.mean_
+    classes = np.asarray(lr.classes_, dtype=np.int64)
+    if len(classes) == 2:  # one logit for class 1 -> two symmetric softmax rows, same probabilities
+        w, b = np.concatenate([-w / 2, w / 2]), np.concatenate([-b / 2, b / 2])
+    if classes.min() < 0 or classes.max() >= n_classes:
+        raise UsageError(f"labels must lie in 0..{n_classes - 1}, got {classes.min()}..{classes.max()}")
+    coef = np.zeros((n_classes, w.shape[1]), dtype=np.float32)
+    intercept = np.full(n_classes, ABSENT_CLASS_BIAS, dtype=np.float32)
+    coef[classes], intercept[classes] = w, b
+    if hf.selection == "val" and X_val is not None and y_val is not None:
+        val_acc = _accuracy(hf.estimator.predict(np.asarray(X_val)), np.asarray(y_val))
+    elif hf.selection == "cv":
+        val_acc = max(c["val_accuracy"] for c in hf.curve)
+    else:
+        val_acc = float("nan")
+    curve = [{"C": float(c["params"]["C"]), "val_accuracy": c["val_accuracy"]} for c in hf.curve]
+    return LinearProbe(coef, intercept, float(hf.best_params["C"]), val_acc, curve, hf.at_grid_edge, hf.selection)
 
 
 def sweep(
@@ -200,16 +946,18 @@ def sweep(
     *,
     grid: list[dict[str, Any]] | None = None,
     n_jobs: int | None = None,
+    levers: SweepLevers | None = None,
+    solver: str = "sklearn",
 ) -> list[dict[str, Any]]:
-    """Fit every grid point on train, score on val; returns the whole curve (in grid order)."""
-    from joblib import Parallel, delayed, parallel_config
-
-    grid = grid or param_grid(kind, n_features=Xtr.shape[1], n_train=len(ytr))
-    jobs = min(len(grid), n_jobs or os.cpu_count() or 1)
-    if jobs == 1:
-        return [_score_one(kind, p, Xtr, ytr, Xva, yva) for p in grid]
-    with parallel_config(backend="loky", inner_max_num_threads=1):
-        return Parallel(n_jobs=jobs)(delayed(_score_one)(kind, p, Xtr, ytr, Xva, yva) for p in grid)
+    """Score the grid on val after fitting on train (raw features: the transform is fitted here, once). The
+    curve is in grid order and may stop early along a regularisation path."""
+    hk = head_kind(kind)
+    ctx = _Ctx(levers or SweepLevers(), max(1, n_jobs or os.cpu_count() or 1), solver)
+    prep = fit_transform_step(hk.steps()[0][1], Xtr)
+    X = np.concatenate([prep.transform(Xtr), prep.transform(Xva)])
+    y = np.concatenate([ytr, yva])
+    grid = grid or hk.grid(Xtr.shape[1], len(ytr), float(X[: len(ytr)].var()) if kind == "rbf-svm" else 1.0)
+    return hk.sweep(X, y, [(np.arange(len(ytr)), np.arange(len(ytr), len(y)))], grid, ctx)
 
 
 @dataclass
@@ -240,7 +988,7 @@ class FittedHead:
         return EmbedderSpec.from_dict(md["embedder"])
 
 
-def check_same_embedder(sets: dict[str, FeatureSet]) -> None:
+def check_same_embedder(sets: dict[str, Any]) -> None:
     """All caches fed to one head must come from the same backbone, weights, layer and preprocessing."""
     items = list(sets.items())
     ref_name, ref = items[0]
@@ -272,25 +1020,61 @@ def split_features(train: FeatureSet, val: FeatureSet | None, test: FeatureSet |
 FINAL_FITS = ("train+val", "train")
 
 
+def _head_metadata(kind: str, train: Any, val: Any, test: Any, plan: SplitPlan, **extra: Any) -> dict[str, Any]:
+    return {
+        "featx_version": __version__,
+        "created_at": now_iso(),
+        "head": kind,
+        "classes": list(train.classes),
+        "embedder": train.embedder.to_dict(),
+        **extra,
+        "caches": {n: fs.attrs.get("key") for n, fs in (("train", train), ("val", val), ("test", test)) if fs is not None},
+        "split_plan": {"val_fraction": plan.val_fraction, "test_fraction": plan.test_fraction, "seed": plan.seed},
+        "libraries": {p: importlib.metadata.version(p) for p in ("scikit-learn", "numpy")},
+    }
+
+
 def fit_head(
-    train: FeatureSet,
-    val: FeatureSet | None = None,
-    test: FeatureSet | None = None,
+    train: FeatureSet | str | os.PathLike[str],
+    val: FeatureSet | str | os.PathLike[str] | None = None,
+    test: FeatureSet | str | os.PathLike[str] | None = None,
     *,
     kind: str = "logreg",
     plan: SplitPlan | None = None,
     grid: list[dict[str, Any]] | None = None,
     n_jobs: int | None = None,
     final_fit: str = "train+val",
+    solver: str = "sklearn",
+    device: str | None = None,
+    stream: bool = False,
+    chunk_rows: int | None = None,
+    levers: SweepLevers | None = None,
 ) -> FittedHead:
     """Sweep on val, refit with the chosen values, evaluate once on test. Missing val/test are carved from train.
 
     ``final_fit``: ``train+val`` (default; Kornblith et al. 2019) refits on both splits, ``train`` keeps the
-    model fitted on train alone, as fine-tuning does with ``--final-fit train``.
+    model fitted on train alone, as fine-tuning does with ``--final-fit train``. ``solver="torch"``: logistic
+    regression with torch L-BFGS (on ``device``). ``stream=True``: train/val/test are cache files read in row
+    chunks, never whole (logreg only; see :func:`fit_head_streamed`).
     """
+    if stream:
+        return fit_head_streamed(
+            train,
+            val,
+            test,
+            kind=kind,
+            plan=plan,
+            grid=grid,
+            final_fit=final_fit,
+            device=device,
+            chunk_rows=chunk_rows,
+            levers=levers,
+        )
     head_kind(kind)  # raises for an unknown kind
     if final_fit not in FINAL_FITS:
         raise UsageError(f"final_fit must be one of {', '.join(FINAL_FITS)}, got {final_fit!r}")
+    if not isinstance(train, FeatureSet) or not all(s is None or isinstance(s, FeatureSet) for s in (val, test)):
+        raise UsageError("fit_head takes loaded caches (FeatureSet); pass stream=True to read cache files in chunks")
     check_same_embedder({n: fs for n, fs in {"train": train, "val": val, "test": test}.items() if fs is not None})
     plan = plan or SplitPlan()
     parts = split_features(train, val, test, plan)
@@ -298,35 +1082,201 @@ def fit_head(
     if len(np.unique(tr.labels)) < 2:
         raise UsageError("a head needs at least two classes in the training split")
     t0 = time.perf_counter()
-    curve = sweep(kind, tr.features, tr.labels, va.features, va.labels, grid=grid, n_jobs=n_jobs)
-    best = max(range(len(curve)), key=lambda i: (curve[i]["val_accuracy"], -i))  # ties: earlier = stronger reg.
-    best_params = curve[best]["params"]
-    if final_fit == "train+val":
-        X_fit, y_fit = np.concatenate([tr.features, va.features]), np.concatenate([tr.labels, va.labels])
-    else:
-        X_fit, y_fit = tr.features, tr.labels
-    estimator = make_head(kind, **best_params).fit(X_fit, y_fit)
+    hf = fit_head_arrays(
+        kind,
+        tr.features,
+        tr.labels,
+        X_val=va.features if len(va.labels) else None,
+        y_val=va.labels if len(va.labels) else None,
+        final_fit=final_fit,
+        grid=grid,
+        n_jobs=n_jobs,
+        seed=plan.seed,
+        solver=solver if kind == "logreg" else "sklearn",  # the torch solver is for logistic regression only
+        device=device,
+        levers=levers,
+    )
     fit_seconds = time.perf_counter() - t0
+    estimator = hf.estimator
     metrics = classification_metrics(te.labels, estimator.predict(te.features), len(train.classes)) if len(te.labels) else None
-    metadata = {
-        "featx_version": __version__,
-        "created_at": now_iso(),
-        "head": kind,
-        "classes": list(train.classes),
-        "embedder": train.embedder.to_dict(),
-        "best_params": best_params,
-        "val_accuracy": curve[best]["val_accuracy"],
-        "fit_seconds": fit_seconds,
-        "final_fit": final_fit,
-        "n_train": len(tr.labels),
-        "n_val": len(va.labels),
-        "n_fit": len(y_fit),
-        "n_test": len(te.labels),
-        "caches": {n: fs.attrs.get("key") for n, fs in (("train", train), ("val", val), ("test", test)) if fs is not None},
-        "split_plan": {"val_fraction": plan.val_fraction, "test_fraction": plan.test_fraction, "seed": plan.seed},
-        "libraries": {p: importlib.metadata.version(p) for p in ("scikit-learn", "numpy")},
-    }
-    return FittedHead(kind, estimator, list(train.classes), best_params, curve[best]["val_accuracy"], curve, metrics, metadata)
+    val_acc = max(c["val_accuracy"] for c in hf.curve) if hf.curve else float("nan")
+    metadata = _head_metadata(
+        kind,
+        train,
+        val,
+        test,
+        plan,
+        best_params=hf.best_params,
+        val_accuracy=val_acc,
+        fit_seconds=fit_seconds,
+        final_fit=final_fit,
+        n_train=len(tr.labels),
+        n_val=len(va.labels),
+        n_fit=hf.n_fit,
+        n_test=len(te.labels),
+        selection=hf.selection,
+        at_grid_edge=hf.at_grid_edge,
+        solver=solver if kind == "logreg" else "sklearn",
+        **hf.info,
+    )
+    return FittedHead(kind, estimator, list(train.classes), hf.best_params, val_acc, hf.curve, metrics, metadata)
+
+
+# --------------------------------------------------------------------------------------------------
+# streamed fit: caches larger than memory
+
+
+STREAM_CHUNK_BYTES = 32 * 2**20  # float32 features per chunk read and processed at once
+
+
+def _open_reader(ref: Any) -> Any:
+    from featx.cache import CacheReader
+
+    if isinstance(ref, CacheReader):
+        return ref
+    if isinstance(ref, FeatureSet):
+        return CacheReader(ref.path)
+    return CacheReader(ref)
+
+
+def fit_head_streamed(
+    train: Any,
+    val: Any = None,
+    test: Any = None,
+    *,
+    kind: str = "logreg",
+    plan: SplitPlan | None = None,
+    grid: list[dict[str, Any]] | None = None,
+    final_fit: str = "train+val",
+    device: str | None = None,
+    chunk_rows: int | None = None,
+    levers: SweepLevers | None = None,
+) -> FittedHead:
+    """:func:`fit_head` for caches that need not fit in memory: logistic regression only, with torch L-BFGS on
+    full-batch gradients accumulated chunk by chunk (the same objective as scikit-learn's). One pass fits the
+    StandardScaler (``partial_fit``); each solver iteration is one pass over the training rows; val and test are
+    predicted chunk by chunk. Memory holds one chunk of rows (``chunk_rows``, default ~32 MiB of features), the
+    labels and the model, never the feature matrix."""
+    from sklearn.preprocessing import StandardScaler
+
+    if kind != "logreg":
+        raise UsageError(f"streamed fits support the logreg head only, not {kind}")
+    if final_fit not in FINAL_FITS:
+        raise UsageError(f"final_fit must be one of {', '.join(FINAL_FITS)}, got {final_fit!r}")
+    plan = plan or SplitPlan()
+    lev = levers or SweepLevers()
+    readers = {n: _open_reader(r) for n, r in (("train", train), ("val", val), ("test", test)) if r is not None}
+    try:
+        check_same_embedder(readers)
+        tr_reader = readers["train"]
+        step = chunk_rows or max(tr_reader.chunk_rows, STREAM_CHUNK_BYTES // (4 * max(1, tr_reader.feature_dim)))
+        carved = plan.carve(tr_reader.labels, has_val="val" in readers, has_test="test" in readers)
+        pos_to_row = {int(p): r for r, p in enumerate(tr_reader.indices)}
+        sources: dict[str, list[tuple[Any, np.ndarray | None]]] = {}
+        for name in ("train", "val", "test"):
+            if name in readers and name != "train":
+                sources[name] = [(readers[name], None)]
+            elif name in carved:
+                sources[name] = [
+                    (tr_reader, np.asarray([pos_to_row[int(p)] for p in carved[name] if int(p) in pos_to_row], dtype=np.int64))
+                ]
+
+        def raw_chunks(name: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            for reader, rows in sources.get(name, []):
+                for _, Xc, yc in reader.iter_chunks(rows, chunk_rows=step):
+                    yield Xc, yc
+
+        t0 = time.perf_counter()
+        scaler = StandardScaler()
+        ys = []
+        for Xc, yc in raw_chunks("train"):
+            scaler.partial_fit(Xc)
+            ys.append(yc)
+        if not ys:
+            raise UsageError("the training split has no decodable rows")
+        shrink_scaler(scaler)
+        y_tr = np.concatenate(ys)
+        classes = np.unique(y_tr)
+        if len(classes) < 2:
+            raise UsageError("a head needs at least two classes in the training split")
+        d = tr_reader.feature_dim
+        y_va = np.concatenate([yc for _, yc in raw_chunks("val")] or [np.empty(0, np.int64)])
+
+        def batches(names: tuple[str, ...]) -> Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]:
+            def gen() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                for name in names:
+                    for Xc, yc in raw_chunks(name):
+                        keep = np.isin(yc, classes)
+                        yield scaler.transform(Xc[keep]).astype(np.float32), np.searchsorted(classes, yc[keep])
+
+            return gen
+
+        def predict_split(coef: np.ndarray, icpt: np.ndarray, name: str) -> np.ndarray:
+            out = []
+            for Xc, _ in raw_chunks(name):
+                z = scaler.transform(Xc) @ coef.T + icpt
+                out.append(classes[(z[:, 0] > 0).astype(int)] if z.shape[1] == 1 else classes[z.argmax(axis=1)])
+            return np.concatenate(out) if out else np.empty(0, classes.dtype)
+
+        grid = grid or head_kind(kind).grid(d, len(y_tr), 1.0)
+        ctx = _Ctx(lev, 1, "torch", device)
+        warm: dict[str, Any] = {"w": None}
+        fits: dict[float, tuple[np.ndarray, np.ndarray]] = {}
+        train_batches = batches(("train",))
+
+        def fit_point(f: int, C: float, tol: float) -> float:
+            init = warm["w"] if lev.warm_path else None
+            coef, icpt, _ = _torch_lbfgs_logreg(train_batches, len(y_tr), d, len(classes), C, tol=tol, init=init, device=device)
+            warm["w"] = fits[C] = (coef, icpt)
+            return _accuracy(predict_split(coef, icpt, "val"), y_va)
+
+        if len(y_va):
+            selection = "val"
+            curve = _walk_path(grid, [(np.empty(0), np.empty(0))], ctx, fit_point)
+            best_params = curve[choose(kind, curve)]["params"]
+        else:
+            selection, curve, best_params = "rule", [], default_params(kind, n_features=d)
+        t1 = time.perf_counter()
+        names = ("train", "val") if final_fit == "train+val" else ("train",)
+        n_fit = len(y_tr) + (int(np.isin(y_va, classes).sum()) if final_fit == "train+val" else 0)
+        C = float(best_params["C"])
+        coef, icpt, nit = _torch_lbfgs_logreg(
+            batches(names), n_fit, d, len(classes), C, tol=REFIT_TOL, init=fits.get(C) if lev.warm_path else None, device=device
+        )
+        estimator = _pipeline(_logreg_steps(), scaler, _export_logreg(coef, icpt, classes, C, nit))
+        ctx.info.update(sweep_seconds=t1 - t0, refit_seconds=time.perf_counter() - t1)
+        fit_seconds = time.perf_counter() - t0
+        te_labels = np.concatenate([yc for _, yc in raw_chunks("test")] or [np.empty(0, np.int64)])
+        metrics = None
+        if len(te_labels):
+            metrics = classification_metrics(te_labels, predict_split(coef, icpt, "test"), len(tr_reader.classes))
+        val_acc = max(c["val_accuracy"] for c in curve) if curve else float("nan")
+        metadata = _head_metadata(
+            kind,
+            tr_reader,
+            readers.get("val"),
+            readers.get("test"),
+            plan,
+            best_params=best_params,
+            val_accuracy=val_acc,
+            fit_seconds=fit_seconds,
+            final_fit=final_fit,
+            n_train=len(y_tr),
+            n_val=len(y_va),
+            n_fit=n_fit,
+            n_test=len(te_labels),
+            selection=selection,
+            at_grid_edge=selection != "rule" and grid_edge(grid, best_params),
+            solver="torch",
+            stream=True,
+            chunk_rows=step,
+            **ctx.info,
+        )
+        return FittedHead(kind, estimator, list(tr_reader.classes), best_params, val_acc, curve, metrics, metadata)
+    finally:
+        for name, r in readers.items():
+            if r is not ({"train": train, "val": val, "test": test}[name]):
+                r.close()
 
 
 def head_summary(head: FittedHead) -> dict[str, Any]:

@@ -1,14 +1,38 @@
-"""The batched frozen forward: decode in worker processes, batch, run the model, yield features by position.
+"""The batched frozen forward: decode images, batch them, run the model, yield features by position.
 
 Everything between image files and a float32 feature matrix lives here (thread and worker allocation,
-batch size, memory format, autocast, device copies), so extraction into caches, prediction and the
-sklearn transformer share one hot loop. Writing the features anywhere is the caller's job.
+batch size, memory format, model preparation, autocast, device copies), so extraction into caches,
+prediction and the sklearn transformer share one hot loop. Writing the features anywhere is the caller's job.
+
+How the work is laid out (measured on a 2-core CPU, ``benchmarks/results/bench_extract.md``):
+
+- Decoding produces 8-bit HWC crops; ``ToTensor`` + ``Normalize`` run once per batch on the device
+  (bit-identical to torchvision's per-image transforms: the same float32 operations in the same order).
+  A uint8 batch is 4x smaller to move between processes or to a GPU, and its NCHW view is already channels_last.
+- On the CPU, decoding runs in a thread pool *between* forwards (PIL releases the GIL), never beside them:
+  a decode process next to a multi-threaded forward oversubscribes small machines and stalls the whole
+  OpenMP team. Worker processes (``num_workers > 0``) are used when asked for, and by default on CUDA,
+  where the CPU is otherwise idle and decoding is the limit.
+- The model is prepared once per model object: eval, channels_last, BatchNorm folded into the convolution
+  before it (``optimize="fold"``, checked against the plain forward on a probe batch; any mismatch falls
+  back to the plain model), or ``freeze`` (TorchScript trace + freeze) / ``compile`` (torch.compile).
+
+Options that extraction does not pass yet can be set with environment variables (read when the argument
+is left at its default): ``FEATX_OPTIMIZE``, ``FEATX_DECODE``, ``FEATX_JPEG_DRAFT`` (``featx extract``
+sets them from ``--optimize``, ``--decode`` and ``--jpeg-draft``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+import copy
+import logging
+import os
+import time
+import warnings
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +41,15 @@ import numpy as np
 from featx import runtime
 from featx.backbones import POOLED, Backbone, Preprocessing
 from featx.data import ImageFiles
+from featx.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+OPTIMIZE_MODES = ("auto", "none", "fold", "freeze", "compile")
+DECODE_MODES = ("auto", "threads", "processes", "gpu")
+# Relative agreement an optimised model must reach against the plain eval forward on the probe batch
+# (max |a - b| / max |a|); folding BatchNorm changes the float32 rounding only (~1e-6 measured on Lite0).
+FOLD_TOLERANCE = 1e-4
 
 
 @dataclass(frozen=True)
@@ -27,9 +60,333 @@ class Batch:
     errors: list[str]  # "" for images that decoded
 
 
+@dataclass
+class StageTimes:
+    """Seconds spent per stage of :func:`iter_features` (filled when a ``profile`` object is passed).
+
+    ``decode`` is time the forward loop waited for decoded batches (all of it in threads mode, only the
+    stalls with worker processes); ``forward`` includes normalising the batch and copying features back.
+    """
+
+    prepare: float = 0.0
+    decode: float = 0.0
+    forward: float = 0.0
+    consumer: float = 0.0  # time the caller spent between batches (writing the cache)
+    images: int = 0
+    batches: int = 0
+    plan: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "prepare_s": self.prepare,
+            "decode_s": self.decode,
+            "forward_s": self.forward,
+            "consumer_s": self.consumer,
+            "images": self.images,
+            "batches": self.batches,
+            **self.plan,
+        }
+
+
 def default_batch_size(device: Any) -> int:
-    # On small CPUs large batches are slower per image (cache effects; ../shared/notes/cpu-reference.md).
-    return 128 if device.type == "cuda" else 16
+    """Measured defaults: on the 2-core CPU batch 16 with the folded channels_last model was best or within
+    noise of the best (``benchmarks/results/bench_extract.md``: large batches are slower per image, cache
+    effects); on CUDA 256 keeps an H100 busy (``../shared/notes/gpu-reference.md``)."""
+    return 256 if device.type == "cuda" else 16
+
+
+def _env_choice(name: str, value: str, choices: Sequence[str]) -> str:
+    if value == "auto":
+        value = os.environ.get(name, "auto") or "auto"
+    if value not in choices:
+        raise UsageError(f"{name.removeprefix('FEATX_').lower()} must be one of {', '.join(choices)}, got '{value}'")
+    return value
+
+
+def _env_flag(name: str, value: bool | None) -> bool:
+    if value is not None:
+        return value
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+# --------------------------------------------------------------------------------------------------
+# Model preparation
+
+
+def fold_batchnorm(model: Any) -> tuple[Any, int]:
+    """A copy of ``model`` (eval) with every BatchNorm2d that directly consumes a Conv2d's output folded
+    into that convolution's weight and bias. Returns ``(model, n_folded)``.
+
+    Pairs are found by running one small forward with hooks (a BN whose input is the very tensor a conv
+    returned). timm's ``BatchNormAct2d`` keeps its activation (it becomes ``Sequential(drop, act)``).
+    The caller must check the result against the original (:func:`prepare_model` does): a conv output
+    that is also used elsewhere, or a hook on a replaced module, would change the numbers.
+    """
+    import torch
+    import torch.nn as nn
+
+    model = copy.deepcopy(model).eval()
+    produced: dict[int, nn.Module] = {}
+    keep: list[Any] = []  # keep conv outputs alive so their ids stay unique during the probe
+    pairs: list[tuple[nn.Module, nn.Module]] = []
+
+    def conv_hook(m: nn.Module, _inp: Any, out: Any) -> None:
+        if isinstance(out, torch.Tensor):
+            produced[id(out)] = m
+            keep.append(out)
+
+    def bn_hook(m: nn.Module, inp: tuple[Any, ...]) -> None:
+        if inp and isinstance(inp[0], torch.Tensor) and id(inp[0]) in produced:
+            pairs.append((produced[id(inp[0])], m))
+
+    handles = []
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            handles.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, nn.BatchNorm2d) and m.track_running_stats and m.running_var is not None:
+            handles.append(m.register_forward_pre_hook(bn_hook))
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, 64, 64))
+    finally:
+        for h in handles:
+            h.remove()
+        keep.clear()
+    seen_convs: set[int] = set()
+    parents: dict[int, tuple[nn.Module, str]] = {}
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            parents[id(child)] = (parent, name)
+    n = 0
+    with torch.no_grad():
+        for conv, bn in pairs:
+            if id(conv) in seen_convs or id(bn) not in parents:  # a conv feeding two BNs: leave both alone
+                continue
+            seen_convs.add(id(conv))
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1 / torch.sqrt(bn.running_var + bn.eps)
+            shift = (bn.bias if bn.affine else 0) - bn.running_mean * scale
+            bias = shift if conv.bias is None else conv.bias * scale + shift
+            conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
+            conv.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+            parent, name = parents[id(bn)]
+            tail = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if isinstance(m, nn.Module)]
+            setattr(parent, name, nn.Sequential(*tail) if tail else nn.Identity())
+            n += 1
+    return model, n
+
+
+def _relative_difference(a: Any, b: Any) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
+
+
+_PREPARED: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], tuple[Any, str]]] = weakref.WeakKeyDictionary()
+
+
+def prepare_model(
+    model: Any, *, device: Any, input_size: int, channels_last: bool = True, optimize: str = "auto", precision: str = "fp32"
+) -> tuple[Any, str]:
+    """The callable to run for inference and the optimisation actually applied (``none``, ``fold``,
+    ``freeze`` or ``compile``). Cached per model object, so several splits prepare once.
+
+    ``auto`` is ``fold`` (measured to pay on the CPU, harmless on CUDA). ``fold`` and ``freeze`` are checked
+    against the plain forward on a random probe batch (relative max difference <= FOLD_TOLERANCE) and fall
+    back to the plain model otherwise; ``compile`` is trusted to torch.compile (its first batches compile).
+    """
+    import torch
+
+    optimize = _env_choice("FEATX_OPTIMIZE", optimize, OPTIMIZE_MODES)
+    if optimize == "auto":
+        optimize = "fold"
+    key = (str(device), channels_last, optimize, precision, input_size)
+    cached = _PREPARED.get(model, {}).get(key)
+    if cached is not None:
+        return cached
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    plain = model.to(device).eval()
+    if channels_last:
+        plain = plain.to(memory_format=memory_format)
+    out: tuple[Any, str] = (plain, "none")
+    if optimize in ("fold", "freeze"):
+        try:
+            out = _fold_or_freeze(plain, optimize, device, input_size, memory_format, precision)
+        except Exception as exc:  # an exotic model: the plain forward is always right
+            why = f"{type(exc).__name__}: {exc}"
+            log.warning("could not %s %s (%s); using the plain model", optimize, type(model).__name__, why)
+    elif optimize == "compile":
+        out = (torch.compile(plain, dynamic=False), "compile")
+    _PREPARED.setdefault(model, {})[key] = out
+    return out
+
+
+def _fold_or_freeze(
+    plain: Any, optimize: str, device: Any, input_size: int, memory_format: Any, precision: str
+) -> tuple[Any, str]:
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        probe = torch.rand(2, 3, input_size, input_size).sub_(0.5).mul_(4)  # normalised-image range
+    probe = probe.to(device).contiguous(memory_format=memory_format)
+    folded, n = fold_batchnorm(plain.cpu())
+    plain.to(device)
+    folded = folded.to(device)
+    if memory_format == torch.channels_last:
+        folded = folded.to(memory_format=memory_format)
+    candidate: Any = folded
+    if optimize == "freeze":
+        with warnings.catch_warnings(), torch.inference_mode():
+            warnings.simplefilter("ignore")  # "torch.jit.* is deprecated": still the fastest CPU path measured
+            candidate = torch.jit.freeze(torch.jit.trace(folded, probe, check_trace=False).eval())
+    with torch.inference_mode(), runtime.autocast(device, precision):
+        diff = _relative_difference(plain(probe), candidate(probe))
+    if diff > FOLD_TOLERANCE * (1 if precision == "fp32" else 100):
+        log.warning("%s changed %s's features by %.2g (relative); using the plain model", optimize, type(plain).__name__, diff)
+        return plain, "none"
+    if n == 0 and optimize == "fold":
+        return plain, "none"
+    return candidate, optimize
+
+
+# --------------------------------------------------------------------------------------------------
+# Decoding to uint8 batches
+
+
+class _ToHWC:
+    """PIL RGB image -> uint8 array (H, W, 3); normalisation happens per batch (see the module doc)."""
+
+    def __call__(self, image: Any) -> np.ndarray:
+        return np.asarray(image, dtype=np.uint8)
+
+
+def uint8_transform(preprocessing: Preprocessing) -> Callable[[Any], np.ndarray]:
+    """The eval transform up to the crop (the same PIL resize and crop as ``build_transform``), as uint8 HWC."""
+    from torchvision import transforms as T
+
+    interp = T.InterpolationMode(preprocessing.interpolation)
+    resize = T.Resize(preprocessing.resize_size, interpolation=interp)
+    return T.Compose([resize, T.CenterCrop(preprocessing.input_size), _ToHWC()])
+
+
+class _Collate:
+    """Stack ``ImageFiles`` items into ``(uint8 (B, H, W, 3), labels, positions, errors)``; failed rows are zeros."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, items: Sequence[tuple[Any, int, int, str]]) -> tuple[Any, np.ndarray, np.ndarray, list[str]]:
+        import torch
+
+        out = torch.zeros((len(items), self.size, self.size, 3), dtype=torch.uint8)
+        arr = out.numpy()
+        errors = []
+        for k, (image, _lab, _pos, err) in enumerate(items):
+            if not err:
+                image = np.asarray(image)
+                if image.shape != (self.size, self.size, 3):
+                    err = f"decode error: preprocessing gave shape {image.shape}, expected {(self.size, self.size, 3)}"
+                else:
+                    arr[k] = image
+            errors.append(err)
+        labels = np.array([it[1] for it in items], dtype=np.int64)
+        positions = np.array([it[2] for it in items], dtype=np.int64)
+        return out, labels, positions, errors
+
+
+def _die_with_parent(_worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: a decode worker gets SIGKILL when its parent dies (even by SIGKILL),
+    and decodes on one thread (the parent's forward owns the other cores)."""
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(1)
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def normalize_batch(images: Any, mean: Any, std: Any, *, channels_last: bool) -> Any:
+    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) normalised, on the images' device.
+
+    The float32 operations of ``ToTensor`` + ``Normalize`` in the same order, so the values are identical;
+    the permuted view of an NHWC batch is already channels_last.
+    """
+    x = images.permute(0, 3, 1, 2).float().div_(255).sub_(mean).div_(std)
+    return x if channels_last else x.contiguous()
+
+
+def _decode_gpu(files: ImageFiles, idx: Sequence[int], preprocessing: Preprocessing, device: Any, collate: _Collate) -> Any:
+    """Batch decode JPEGs with ``torchvision.io.decode_jpeg`` on ``device`` and resize/crop there.
+
+    Files that are not JPEGs, or that nvJPEG refuses, go through the CPU path (with its failure reasons).
+    Numbers differ slightly from PIL's resize (a tensor bicubic with antialias), so this is opt-in.
+    """
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    size = preprocessing.input_size
+    datas: list[Any] = []
+    jpeg: list[int] = []
+    for k, i in enumerate(idx):
+        try:
+            with open(files.root / files.paths[i], "rb") as fh:
+                raw = fh.read()
+        except OSError:
+            continue
+        if raw[:3] == b"\xff\xd8\xff":
+            datas.append(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
+            jpeg.append(k)
+    decoded: dict[int, Any] = {}
+    if datas:
+        try:
+            images = decode_jpeg(datas, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+        except RuntimeError:  # one bad file fails the whole batch: decode one by one
+            images = []
+            for d in datas:
+                try:
+                    images.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True))
+                except RuntimeError:
+                    images.append(None)
+        interp = InterpolationMode(preprocessing.interpolation)
+        for k, im in zip(jpeg, images):
+            if im is None:
+                continue
+            im = F.resize(im, [preprocessing.resize_size], interpolation=interp, antialias=True)
+            decoded[k] = F.center_crop(im, [size, size]).permute(1, 2, 0)
+    rest = [k for k in range(len(idx)) if k not in decoded]
+    items = [files[idx[k]] for k in rest]
+    cpu_u8, _, _, cpu_err = collate(items) if items else (None, None, None, [])
+    out = torch.zeros((len(idx), size, size, 3), dtype=torch.uint8, device=device)
+    errors = [""] * len(idx)
+    for k, im in decoded.items():
+        out[k] = im
+    for j, k in enumerate(rest):
+        errors[k] = cpu_err[j]
+        out[k] = cpu_u8[j].to(device)
+    labels = np.array([int(files.labels[i]) for i in idx], dtype=np.int64)
+    positions = np.array([int(files.indices[i]) for i in idx], dtype=np.int64)
+    return out, labels, positions, errors
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+
+
+def decode_threads() -> int:
+    """Threads that decode between forwards on the CPU: every core this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def iter_features(
@@ -46,37 +403,152 @@ def iter_features(
     channels_last: bool = True,
     progress: bool = True,
     desc: str = "extract",
+    optimize: str = "auto",
+    decode: str = "auto",
+    jpeg_draft: bool | None = None,
+    profile: StageTimes | None = None,
 ) -> Iterator[Batch]:
-    """Yield features for ``paths`` batch by batch, in order. ``model`` maps images to (N, D)."""
-    import torch
-    from torch.utils.data import DataLoader
+    """Yield features for ``paths`` batch by batch, in order. ``model`` maps images to (N, D).
 
+    ``decode``: ``threads`` (a pool of :func:`decode_threads` threads; on the CPU between forwards, on CUDA
+    ahead of them), ``processes`` (``num_workers`` DataLoader workers), ``gpu`` (nvJPEG on the CUDA device,
+    opt-in: its resize differs slightly from PIL's) or ``auto`` (processes when ``num_workers > 0``, else threads).
+    ``jpeg_draft``: let JPEGs decode at a reduced DCT scale when they are at least twice the resize size
+    (faster on large photos; changes the numbers slightly, so off unless asked for).
+    ``optimize``: see :func:`prepare_model`.
+    """
+    import torch
+
+    t_start = time.perf_counter()
+    decode = _env_choice("FEATX_DECODE", decode, DECODE_MODES)
+    if decode == "auto":
+        decode = "processes" if num_workers > 0 else "threads"
+    if decode == "processes" and num_workers <= 0:
+        raise UsageError("decode 'processes' needs --num-workers > 0")
+    if decode == "gpu" and device.type != "cuda" and not os.environ.get("FEATX_GPU_DECODE_ON_CPU"):
+        raise UsageError("--decode gpu needs a CUDA device")
+    draft = _env_flag("FEATX_JPEG_DRAFT", jpeg_draft)
     size = preprocessing.input_size
-    files = ImageFiles(root, paths, labels, preprocessing.build_transform(), failed_shape=(3, size, size))
-    loader = DataLoader(
-        files,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=False,
-        prefetch_factor=4 if num_workers > 0 else None,
+    files = ImageFiles(
+        root,
+        paths,
+        labels,
+        uint8_transform(preprocessing),
+        draft_size=preprocessing.resize_size if draft else None,
+        failed_shape=(size, size, 3),
     )
-    model = model.to(device).eval()
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    if channels_last:
-        model = model.to(memory_format=memory_format)
+    collate = _Collate(size)
+    fn, applied = prepare_model(
+        model, device=device, input_size=size, channels_last=channels_last, optimize=optimize, precision=precision
+    )
+    mean = torch.tensor(preprocessing.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(preprocessing.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    if profile is not None:
+        profile.prepare += time.perf_counter() - t_start
+        profile.plan = {
+            "decode": decode,
+            "optimize": applied,
+            "batch_size": batch_size,
+            "num_workers": num_workers if decode == "processes" else 0,
+            "decode_threads": decode_threads() if decode != "processes" else 0,
+            "torch_threads": torch.get_num_threads(),
+            "channels_last": channels_last,
+            "jpeg_draft": draft,
+            "device": str(device),
+        }
+    batches = _batches(files, collate, preprocessing, device, batch_size, num_workers, decode)
     bar = runtime.progress_bar(None, total=len(files), desc=desc, enabled=progress)
     try:
         with torch.inference_mode():
-            for images, labs, pos, errors in loader:
-                x = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    images, labs, pos, errors = next(batches)
+                except StopIteration:
+                    break
+                t1 = time.perf_counter()
+                x = normalize_batch(images.to(device, non_blocking=True), mean, std, channels_last=channels_last)
                 with runtime.autocast(device, precision):
-                    feats = model(x)
-                yield Batch(pos.numpy(), feats.float().cpu().numpy(), labs.numpy(), list(errors))
+                    feats = fn(x)
+                out = feats.float().cpu().numpy()  # synchronises with the device
+                t2 = time.perf_counter()
+                yield Batch(pos, out, labs, list(errors))
                 bar.update(len(pos))
+                if profile is not None:
+                    profile.decode += t1 - t0
+                    profile.forward += t2 - t1
+                    profile.consumer += time.perf_counter() - t2
+                    profile.images += len(pos)
+                    profile.batches += 1
     finally:
         bar.close()
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+
+
+def _batches(
+    files: ImageFiles,
+    collate: _Collate,
+    preprocessing: Preprocessing,
+    device: Any,
+    batch_size: int,
+    num_workers: int,
+    decode: str,
+) -> Iterator[tuple[Any, np.ndarray, np.ndarray, list[str]]]:
+    """Decoded uint8 batches in order, by the chosen decode mode."""
+    n = len(files)
+    ranges = [range(lo, min(lo + batch_size, n)) for lo in range(0, n, batch_size)]
+    cuda = device.type == "cuda"
+    if decode == "processes":
+        from torch.utils.data import DataLoader
+
+        loader = DataLoader(
+            files,
+            batch_size=batch_size,
+            shuffle=False,
+            num_workers=num_workers,
+            collate_fn=collate,
+            pin_memory=cuda,
+            worker_init_fn=_die_with_parent,
+            persistent_workers=False,
+            prefetch_factor=4,
+        )
+        yield from loader
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=decode_threads(), thread_name_prefix="featx-decode")
+    # On the CPU the next batch is decoded only when asked for (between forwards: no oversubscription);
+    # on CUDA two batches are decoded ahead while the device computes.
+    ahead = 2 if cuda else 0
+    try:
+        if decode == "gpu":
+            for r in ranges:
+                yield _decode_gpu(files, list(r), preprocessing, device, collate)
+            return
+        pending: deque[list[Any]] = deque()
+        it = iter(ranges)
+
+        def submit() -> bool:
+            r = next(it, None)
+            if r is None:
+                return False
+            pending.append([pool.submit(files.__getitem__, i) for i in r])
+            return True
+
+        while True:
+            while len(pending) <= ahead and submit():
+                pass
+            if not pending:
+                return
+            items = [f.result() for f in pending.popleft()]
+            batch = collate(items)
+            if cuda:
+                batch = (batch[0].pin_memory(), *batch[1:])
+            yield batch
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def compute_features(
@@ -90,6 +562,8 @@ def compute_features(
     num_workers: int | None = None,
     precision: str = "fp32",
     progress: bool = False,
+    optimize: str = "auto",
+    decode: str = "auto",
 ) -> tuple[np.ndarray, list[str]]:
     """Features of images in memory (no cache): ``(features (N, D) float32, errors)``.
 
@@ -97,7 +571,7 @@ def compute_features(
     """
     dev = device if not isinstance(device, str) else runtime.resolve_device(device)
     runtime.check_precision(precision, dev)
-    workers = runtime.default_num_workers() if num_workers is None else num_workers
+    workers = runtime.default_num_workers(dev) if num_workers is None else num_workers
     runtime.configure_threads(workers, dev)
     out: np.ndarray | None = None
     errors: list[str] = [""] * len(paths)
@@ -112,12 +586,15 @@ def compute_features(
         precision=precision,
         progress=progress,
         desc="features",
+        optimize=optimize,
+        decode=decode,
     ):
         if out is None:
             out = np.zeros((len(paths), b.features.shape[1]), dtype=np.float32)
-        ok = np.array([not e for e in b.errors])
+        ok = np.array([not e for e in b.errors], dtype=bool)
         out[b.positions[ok]] = b.features[ok]
         for p, e in zip(b.positions, b.errors):
             errors[int(p)] = e
-    assert out is not None
+    if out is None:
+        out = np.zeros((0, backbone.feature_dim), dtype=np.float32)
     return out, errors

@@ -45,20 +45,42 @@ def autocast(device: Any, precision: str) -> contextlib.AbstractContextManager[A
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def default_num_workers() -> int:
-    """Decode workers: leave the cores to the model on small machines (oversubscription collapses
-    throughput on 2 cores), use up to 8 on larger ones."""
-    cores = os.cpu_count() or 1
-    return 1 if cores <= 2 else min(8, cores - 1)
+def usable_cores() -> int:
+    """Cores this process may run on (the affinity mask on Linux, e.g. under taskset or a container's cpuset)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def default_num_workers(device: Any = None) -> int:
+    """Decode worker *processes* (0 = decode in threads inside this process).
+
+    CPU: 0. Decoding runs in a thread pool between forwards, so the forward keeps every core; a decode
+    process beside a multi-threaded forward oversubscribes the cores and collapses throughput on small
+    machines (measured on 2 cores: benchmarks/results/bench_extract.md). CUDA: the CPU only decodes, and
+    decoding is the limit (../shared/notes/gpu-reference.md), so up to 8 worker processes, one core left.
+    ``device`` None means CUDA when available (torch is imported only if it already is).
+    """
+    if device is None:
+        import sys
+
+        torch = sys.modules.get("torch")
+        cuda = bool(torch is not None and torch.cuda.is_available())
+    else:
+        cuda = getattr(device, "type", str(device)).startswith("cuda")
+    if not cuda:
+        return 0
+    return max(1, min(8, usable_cores() - 1))
 
 
 def configure_threads(num_workers: int, device: Any) -> None:
-    """On the CPU, give torch the cores the decode workers do not use."""
+    """On the CPU, give torch the cores the decode worker processes do not use (never fewer than one),
+    so forward threads + workers never exceed the cores. On CUDA torch's CPU threads only launch kernels."""
     import torch
 
     if device.type == "cpu":
-        cores = os.cpu_count() or 1
-        torch.set_num_threads(max(1, cores - (num_workers if cores > 2 else 0)))
+        torch.set_num_threads(max(1, usable_cores() - max(0, num_workers)))
 
 
 def peak_rss_mb() -> float:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from featx.backbones import build_backbone
-from featx.cache import CacheWriter, list_caches, load_cache, read_cache_attrs, remove_caches
+from featx.cache import list_caches, load_cache, read_cache_attrs, remove_caches, write_cache_file
 from featx.data import load_dataset
 from featx.errors import CacheError, DataError, UsageError
 from featx.extraction import compute_features, extract
@@ -105,10 +105,14 @@ def test_dataset_where_every_image_fails_is_an_error_and_leaves_no_cache(tmp_pat
 
 def test_interrupted_write_never_looks_complete(tmp_path: Path) -> None:
     final = tmp_path / "x.h5"
-    with pytest.raises(RuntimeError), CacheWriter(final, n_rows=4, attrs={}) as w:
-        w.write(np.arange(2), np.ones((2, 3), np.float32))
+
+    def blocks():  # the writer dies after the first block
+        yield 0, np.ones((2, 3), np.float32), np.ones(2, bool), ["", ""]
         raise RuntimeError("killed")
-    assert not final.exists() and not final.with_suffix(".partial").exists()
+
+    with pytest.raises(RuntimeError):
+        write_cache_file(final, n_rows=4, blocks=blocks(), labels=np.zeros(4), paths=list("abcd"), classes=["a"], attrs={})
+    assert not final.exists() and not list(tmp_path.iterdir())
     # a file without the 'complete' flag (e.g. copied mid-write) is refused on read
     with h5py.File(final, "w") as f:
         f.create_dataset("features", data=np.zeros((2, 3)))

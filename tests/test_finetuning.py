@@ -1,10 +1,17 @@
-"""Fine-tuning: real torch on tiny generated images (random-init ResNet-10t at 32 px keeps each run ~1 s)."""
+"""Fine-tuning: real torch on tiny generated images (random-init ResNet-10t at 32 px keeps each run ~1 s).
+
+Protocol tests (issue 12): the final fit's rows, ties in early stopping, lp-ft's epoch 0, selection that never
+sees test labels, the few-shot rule that never sees val, the readable epoch line; the load_digits comparison
+with pretrained weights is marked slow.
+"""
 
 from __future__ import annotations
 
 import _thread
 import copy
 import json
+import logging
+import re
 import threading
 import time
 from dataclasses import replace
@@ -20,7 +27,16 @@ from torch import nn
 from featx.backbones import build_backbone
 from featx.data import SplitPlan, load_dataset, sample_per_class
 from featx.errors import MismatchError, UsageError
-from featx.finetuning import FinetuneConfig, finetune, init_head_from_probe, train_one_epoch
+from featx.finetuning import (
+    FinetuneConfig,
+    _TrainState,
+    finetune,
+    finetune_search,
+    fit_probe_fixed_c,
+    format_epoch_line,
+    hyper_rule,
+    train_one_epoch,
+)
 
 BACKBONE = "timm:resnet10t"
 WEIGHTS = "none"
@@ -49,7 +65,10 @@ def colours(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _make_dataset(tmp_path_factory.mktemp("colours"), {"train": 8, "val": 4, "test": 4})
 
 
-def run(dataset: Path, out_dir: Path, *, resume: bool = False, image_size: int = SIZE, **cfg: Any) -> dict[str, Any]:
+def run(
+    dataset: Path | Any, out_dir: Path, *, resume: bool = False, image_size: int = SIZE, final_fit: str = "train", **cfg: Any
+) -> dict[str, Any]:
+    """``final_fit="train"`` unless a test is about the refit: half the training per run."""
     return finetune(
         dataset,
         backbone=BACKBONE,
@@ -59,6 +78,7 @@ def run(dataset: Path, out_dir: Path, *, resume: bool = False, image_size: int =
         out_dir=out_dir,
         resume=resume,
         progress=False,
+        final_fit=final_fit,
     )
 
 
@@ -87,7 +107,9 @@ def test_early_stopping_scores_test_with_best_weights(colours: Path, tmp_path: P
     ds = load_dataset(colours)
     ds = replace(ds, splits={**ds.splits, "test": replace(ds.splits["val"], name="test")})  # test = val images
     cfg = FinetuneConfig(**{**FAST, "epochs": 6, "lr": 0.5, "early_stopping_patience": 1, "freeze_bn_stats": False})
-    res = finetune(ds, backbone=BACKBONE, weights=WEIGHTS, image_size=SIZE, config=cfg, out_dir=tmp_path, progress=False)
+    res = finetune(
+        ds, backbone=BACKBONE, weights=WEIGHTS, image_size=SIZE, config=cfg, out_dir=tmp_path, progress=False, final_fit="train"
+    )
     assert res["stopped_early"] and res["epochs_run"] == res["best_epoch"] + 1 < 6
     assert res["history"][-1]["val_accuracy"] < res["val_accuracy"]  # LR too high: the last weights are worse
     assert res["metrics"]["accuracy"] == res["val_accuracy"]  # test was scored with the best weights
@@ -180,6 +202,7 @@ def test_few_shot_train_rows_leave_val_and_test_whole(colours: Path, tmp_path: P
         train_rows=rows,
         out_dir=tmp_path,
         progress=False,
+        final_fit="train",
     )
     assert (res["n_train"], res["n_val"], res["n_test"]) == (6, 12, 12)
     assert res["history"][0]["images"] == 6
@@ -198,28 +221,28 @@ def test_head_trains_only_the_linear_layer(colours: Path, tmp_path: Path) -> Non
 def test_lp_ft_initialises_head_from_probe(colours: Path, tmp_path: Path) -> None:
     res = run(colours, tmp_path, strategy="lp-ft", epochs=1, lr=0.01)
     lp = res["lp_stage"]
-    assert lp["val_accuracy"] >= 0.75  # chance is 1/3
+    assert lp["val_accuracy"] >= 0.75 and lp["standardized"]  # chance is 1/3
     assert lp["head_val_accuracy"] == lp["val_accuracy"]  # the torch head predicts what the probe predicts
-    assert lp["seconds"] > 0 and lp["C"] in lp["c_grid"]
+    assert lp["C"] in [p["C"] for p in lp["curve"]] and lp["seconds"] > 0
+    assert res["history"][0]["epoch"] == 0 and res["history"][0]["val_accuracy"] == lp["val_accuracy"]
     assert res["trainable_params"] == res["total_params"]
     assert res["wall_seconds"] > lp["seconds"] + res["train_seconds"]
 
 
 @pytest.mark.parametrize("n_classes", [2, 3])
-def test_probe_copy_reproduces_sklearn_probabilities(n_classes: int) -> None:
-    from sklearn.linear_model import LogisticRegression
+def test_probe_copy_reproduces_fit_head_logreg_probabilities(n_classes: int) -> None:
+    from featx.heads import make_head
 
     rng = np.random.default_rng(0)
     centres = rng.normal(0, 1.0, (n_classes, 16))
     y = np.arange(120) % n_classes
-    x = (centres[y] + rng.normal(0, 1.2, (120, 16))).astype(np.float32)
-    linear = nn.Linear(16, n_classes)
-    info = init_head_from_probe(linear, x[:80], y[:80], x[80:], y[80:])
-    ref = LogisticRegression(C=info["C"], max_iter=1000).fit(x[:80], y[:80])
-    with torch.no_grad():
-        probs = torch.softmax(linear(torch.from_numpy(x[80:])), dim=1).numpy()
-    np.testing.assert_allclose(probs, ref.predict_proba(x[80:]), atol=2e-3)
-    assert info["head_val_accuracy"] == info["val_accuracy"] == max(info["val_accuracy_curve"])
+    x = (centres[y] + rng.normal(0, 1.2, (120, 16))).astype(np.float32) * np.linspace(0.1, 50, 16, dtype=np.float32)
+    coef, intercept = fit_probe_fixed_c(x[:80], y[:80], 0.3, n_classes=n_classes + 1)  # one class never seen
+    ref = make_head("logreg", C=0.3).fit(x[:80], y[:80])  # fit-head's pipeline: StandardScaler + LogisticRegression
+    logits = torch.from_numpy(x[80:]) @ torch.from_numpy(coef).T + torch.from_numpy(intercept)
+    probs = torch.softmax(logits.double(), dim=1).numpy()
+    assert probs[:, n_classes].max() < 1e-3  # the absent class is never predicted
+    np.testing.assert_allclose(probs[:, :n_classes], ref.predict_proba(x[80:]), atol=2e-3)
 
 
 def _step_batches() -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]]:
@@ -288,3 +311,236 @@ def test_usage_and_mismatch_errors(colours: Path, tmp_path: Path) -> None:
         run(colours, tmp_path, resume=True, strategy="head", epochs=2, lr=0.1)
     with pytest.raises(MismatchError, match="32 px"):
         run(colours, tmp_path, resume=True, strategy="head", epochs=2, image_size=48)
+
+
+# --------------------------------------------------------------------------------------------------
+# Protocol (issue 12)
+
+
+def _positions(ds_path: Path) -> dict[str, list[list[Any]]]:
+    """Dataset positions of each split, computed from the default plan independently of finetune."""
+    return {name: [[src, int(r)] for r in rows] for name, (src, rows) in SplitPlan().resolve(load_dataset(ds_path)).items()}
+
+
+def test_final_fit_retrains_on_train_plus_val_rows_for_the_chosen_epochs(colours: Path, tmp_path: Path) -> None:
+    res = run(colours, tmp_path, strategy="full", epochs=2, final_fit="train+val")
+    pos = _positions(colours)
+    assert res["final_fit"] == "train+val" and res["selection"] == "val"
+    assert res["train_rows"] == pos["train"] and res["val_rows"] == pos["val"] and res["test_rows"] == pos["test"]
+    assert res["fit_rows"] == pos["train"] + pos["val"] and res["n_fit"] == 36
+    assert res["final_epochs"] == res["best_epoch"] >= 1  # exactly the epoch count chosen on val
+    assert [h["images"] for h in res["final_history"]] == [36] * res["best_epoch"]
+    assert all(h["val_accuracy"] is None for h in res["final_history"])  # the refit never looks at val scores
+    final = torch.load(tmp_path / "final_checkpoint.pt", map_location="cpu", weights_only=True)
+    assert final["stage"] == "final" and final["target_epochs"] == res["best_epoch"]
+    assert res["test_labels"] == load_dataset(colours).split("test").labels.tolist()
+    assert len(res["test_predictions"]) == 12
+    assert res["metrics"]["accuracy"] == np.mean(np.array(res["test_predictions"]) == np.array(res["test_labels"]))
+    assert res["peak_memory_mb"] > 0 and res["host_rss_mb"] > 0 and res["memory_kind"] == "rss"
+
+    train_only = run(colours, tmp_path / "train", strategy="full", epochs=2)
+    assert train_only["n_fit"] == 24 and train_only["fit_rows"] == pos["train"] and train_only["final_history"] is None
+
+
+def test_final_fit_resumes_after_interrupt(colours: Path, tmp_path: Path) -> None:
+    cfg = {"strategy": "full", "epochs": 3, "final_fit": "train+val"}
+    whole = run(colours, tmp_path / "whole", **cfg)
+    assert whole["final_epochs"] >= 2  # the refit has more than one epoch to be cut in
+    stop = threading.Event()
+    watcher = _interrupt_when_exists(tmp_path / "cut" / "final_checkpoint.pt", stop)
+    with pytest.raises(KeyboardInterrupt):
+        run(colours, tmp_path / "cut", **cfg)
+    stop.set()
+    watcher.join()
+    saved = (
+        load_ckpt(tmp_path / "cut").get("epoch"),
+        torch.load(tmp_path / "cut" / "final_checkpoint.pt", weights_only=True)["epoch"],
+    )
+    assert saved[1] < whole["final_epochs"] - 1  # cut inside the refit
+    resumed = run(colours, tmp_path / "cut", resume=True, **cfg)
+    assert (
+        resumed["final_history"][: saved[1] + 1]
+        == torch.load(tmp_path / "cut" / "final_checkpoint.pt", weights_only=True)["history"][: saved[1] + 1]
+    )
+    assert resumed["test_predictions"] == whole["test_predictions"] and resumed["best_epoch"] == whole["best_epoch"]
+    again = run(colours, tmp_path / "whole", resume=True, **cfg)  # resuming a finished run repeats its result
+    assert again["test_predictions"] == whole["test_predictions"] and again["final_history"] == whole["final_history"]
+
+
+def test_ties_count_as_progress_and_reset_patience() -> None:
+    model = nn.Linear(2, 2)
+    state = _TrainState()
+    for epoch, acc in enumerate([0.5, 0.7, 0.6, 0.7, 0.6], start=1):
+        with torch.no_grad():
+            model.bias.fill_(epoch)  # each epoch's weights are recognisable
+        state.consider(epoch, acc, model)
+    assert state.best_epoch == 4 and state.best_val_accuracy == 0.7  # the later epoch with equal accuracy
+    assert state.epochs_without_improvement == 1  # reset at epoch 4
+    assert state.best_state is not None and torch.equal(state.best_state["bias"], torch.full((2,), 4.0))
+
+
+def test_lp_ft_epoch_zero_is_a_candidate(colours: Path, tmp_path: Path) -> None:
+    from featx.inference import compute_features
+
+    # lr so large that every update destroys the network: the probe-initialised model (epoch 0) must win
+    res = run(colours, tmp_path, strategy="lp-ft", epochs=2, lr=500.0, lp_ft_lr_scale=1.0, early_stopping_patience=0)
+    lp = res["lp_stage"]
+    assert res["best_epoch"] == 0 and res["history"][0]["epoch"] == 0
+    assert all(h["val_accuracy"] < lp["head_val_accuracy"] for h in res["history"][1:])
+    assert res["val_accuracy"] == lp["head_val_accuracy"] == lp["val_accuracy"]
+    # the returned model is the probe-initialised one: same test predictions as the probe on frozen features
+    ds = load_dataset(colours)
+    bb = build_backbone(BACKBONE, WEIGHTS, image_size=SIZE)
+    X = {n: compute_features(bb, ds.root, ds.split(n).paths, device="cpu", num_workers=0)[0] for n in ("train", "val", "test")}
+    from featx.finetuning import fit_linear_probe
+
+    probe = fit_linear_probe(X["train"], ds.split("train").labels, X["val"], ds.split("val").labels, n_classes=3)
+    assert probe.C == lp["C"]
+    assert res["test_predictions"] == np.argmax(X["test"] @ probe.coef.T + probe.intercept, axis=1).tolist()
+
+    refit = run(colours, tmp_path / "tv", strategy="lp-ft", epochs=2, lr=500.0, lp_ft_lr_scale=1.0, final_fit="train+val")
+    assert refit["best_epoch"] == 0 and refit["final_epochs"] == 0 and refit["n_fit"] == 36  # the probe refit on train+val
+    assert refit["lp_stage"]["final_n_fit"] == 36 and refit["lp_stage"]["final_C"] == lp["C"]
+
+
+def test_search_selects_on_val_only(colours: Path, tmp_path: Path) -> None:
+    ds = load_dataset(colours)
+    test = ds.splits["test"]
+    shuffled = replace(ds, splits={**ds.splits, "test": replace(test, labels=np.roll(test.labels, 5))})
+    grid = {"lr": [0.003, 0.3], "weight_decay": [0.0, 1e-3]}
+    out = []
+    for i, d in enumerate((ds, shuffled)):
+        out.append(
+            finetune_search(
+                d,
+                backbone=BACKBONE,
+                weights=WEIGHTS,
+                image_size=SIZE,
+                config=FinetuneConfig(**{**FAST, "epochs": 1}),
+                out_dir=tmp_path / str(i),
+                progress=False,
+                final_fit="train",
+                grid=grid,
+            )
+        )
+    a, b = out
+    assert [(r["lr"], r["weight_decay"]) for r in a["grid"]] == [(0.003, 0.0), (0.003, 1e-3), (0.3, 0.0), (0.3, 1e-3)]
+    assert [r["val_accuracy"] for r in a["grid"]] == [r["val_accuracy"] for r in b["grid"]]
+    assert a["chosen"] == b["chosen"] and a["test_predictions"] == b["test_predictions"]
+    assert a["test_labels"] != b["test_labels"]  # the test labels really differed
+    best = max(r["val_accuracy"] for r in a["grid"])
+    first = next(r for r in a["grid"] if r["val_accuracy"] == best)  # ties: first in grid order
+    assert (a["chosen"]["lr"], a["chosen"]["weight_decay"]) == (first["lr"], first["weight_decay"])
+    assert a["val_accuracy"] == best and a["config"]["lr"] == first["lr"]
+    assert (tmp_path / "0" / "grid" / "lr0.003-wd0" / "checkpoint.pt").is_file()
+    with pytest.raises(UsageError, match="grid"):
+        finetune_search(colours, config=FinetuneConfig(**FAST), out_dir=tmp_path / "x", grid={"lr": [0.0]})
+
+
+def test_rule_selection_uses_no_val_rows(colours: Path, tmp_path: Path) -> None:
+    ds = load_dataset(colours)
+    val = ds.splits["val"]
+    broken = replace(
+        ds, splits={**ds.splits, "val": replace(val, paths=tuple("gone/" + p for p in val.paths), labels=val.labels[::-1])}
+    )
+    rows = sample_per_class(ds.split("train").labels, 2, seed=3)
+    results = []
+    for i, d in enumerate((ds, broken)):
+        cfg = FinetuneConfig(**{**FAST, "strategy": "lp-ft", "rule_steps": 3})
+        results.append(
+            finetune(
+                d,
+                backbone=BACKBONE,
+                weights=WEIGHTS,
+                image_size=SIZE,
+                config=cfg,
+                train_rows=rows,
+                out_dir=tmp_path / str(i),
+                progress=False,
+                selection="rule",
+            )
+        )
+    a, b = results
+    assert a["val_rows"] == [] and a["n_val"] == 0 and a["val_accuracy"] is None and a["final_fit"] == "train"
+    assert a["fit_rows"] == [["train", int(r)] for r in rows] and a["n_fit"] == 6
+    assert a["lp_stage"]["selection"] == "cv"  # the probe's C from CV inside the draw
+    assert a["rule"]["steps"] == 3 and a["epochs_run"] == a["rule"]["epochs"] == 3  # 6 images, batch 8: one step per epoch
+    assert all(h["val_accuracy"] is None for h in a["history"])
+    assert a["test_predictions"] == b["test_predictions"] and a["history"][-1]["train_loss"] == b["history"][-1]["train_loss"]
+    with pytest.raises(UsageError, match="rule"):
+        finetune(colours, config=FinetuneConfig(**FAST), out_dir=tmp_path / "x", selection="rule", final_fit="train+val")
+
+
+def test_hyper_rule_schedule_by_dataset_size() -> None:
+    small, info = hyper_rule(40, FinetuneConfig(batch_size=32))
+    assert info["target_steps"] == 100 and small.epochs == 50 and small.early_stopping_patience == 0  # 2 steps per epoch
+    assert small.weight_decay == 0.0 and small.lr == 0.01
+    big, info = hyper_rule(30_000, FinetuneConfig(batch_size=32, optimizer="adamw"))
+    assert info["target_steps"] == 2000 and big.epochs == 3 and big.lr == 3e-3
+
+
+def test_epoch_lines_are_formatted(colours: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    line = format_epoch_line(
+        3,
+        5,
+        train_loss=0.4123,
+        train_accuracy=0.8712,
+        val_accuracy=0.902,
+        best_epoch=3,
+        best_val_accuracy=0.902,
+        lr=3e-3,
+        seconds=41.24,
+    )
+    assert line == "epoch 3/5  train loss 0.412 acc 0.871  val acc 0.902 (best, epoch 3)  lr 3.0e-03  41.2 s"
+    worse = format_epoch_line(4, 5, train_loss=0.3, train_accuracy=0.9, val_accuracy=0.88, best_epoch=3, best_val_accuracy=0.902)
+    assert worse == "epoch 4/5  train loss 0.300 acc 0.900  val acc 0.880 (best 0.902, epoch 3)"
+    with caplog.at_level(logging.INFO, logger="featx.finetuning"):
+        run(colours, tmp_path, strategy="head", epochs=2)
+    lines = [r.getMessage() for r in caplog.records if r.name == "featx.finetuning" and r.getMessage().startswith("epoch")]
+    pattern = r"epoch [12]/2  train loss \d+\.\d{3} acc [01]\.\d{3}  val acc [01]\.\d{3} \(best.*epoch \d\)"
+    pattern += r"  lr \d\.\de[-+]\d\d  \d+\.\d s"
+    assert len(lines) == 2 and all(re.fullmatch(pattern, x) for x in lines), lines
+
+
+def _write_digits(root: Path, per_class: dict[str, int]) -> Path:
+    """scikit-learn's 8x8 load_digits as an ImageFolder (stratified, disjoint splits), upsampled to 32x32 RGB."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    rng = np.random.default_rng(0)
+    for c in range(10):
+        idx = rng.permutation(np.flatnonzero(digits.target == c))
+        start = 0
+        for split, n in per_class.items():
+            d = root / split / str(c)
+            d.mkdir(parents=True, exist_ok=True)
+            for i in idx[start : start + n]:
+                img = (digits.images[i] * (255 / 16)).astype(np.uint8)
+                Image.fromarray(img).resize((32, 32), Image.Resampling.NEAREST).convert("RGB").save(d / f"{i}.png")
+            start += n
+    return root
+
+
+@pytest.mark.slow
+def test_digits_searched_finetuning_beats_the_linear_probe(tmp_path: Path) -> None:
+    """Tiny grayscale digits are far from ImageNet: fine-tuning, tuned on val, should beat the frozen probe."""
+    from featx.inference import compute_features
+
+    root = _write_digits(tmp_path / "digits", {"train": 30, "val": 10, "test": 25})
+    size = 64
+    common = {"backbone": "efficientnet_lite0", "weights": "imagenet", "image_size": size, "progress": False}
+    # no flips or crops (they change digits), AdamW at the CPU grid's LRs (backbone at a tenth)
+    cfg = FinetuneConfig(
+        strategy="full", optimizer="adamw", epochs=10, augment=(), early_stopping_patience=0, num_workers=0, device="cpu"
+    )
+    res = finetune_search(root, config=cfg, out_dir=tmp_path / "ft", grid={"lr": [3e-3, 1e-2], "weight_decay": [0.05]}, **common)
+    ds = load_dataset(root)
+    bb = build_backbone("efficientnet_lite0", "imagenet", image_size=size)
+    X = {n: compute_features(bb, ds.root, ds.split(n).paths, device="cpu", num_workers=0)[0] for n in ("train", "val", "test")}
+    from featx.finetuning import fit_linear_probe
+
+    y = {n: ds.split(n).labels for n in X}
+    probe = fit_linear_probe(X["train"], y["train"], X["val"], y["val"], n_classes=10)
+    probe_acc = float(np.mean(np.argmax(X["test"] @ probe.coef.T + probe.intercept, axis=1) == y["test"]))
+    assert res["n_fit"] == 400 and res["final_fit"] == "train+val"
+    assert res["metrics"]["accuracy"] > probe_acc, (res["metrics"]["accuracy"], probe_acc, res["grid"])
