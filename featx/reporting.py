@@ -1322,6 +1322,11 @@ def _grid_values(r: Mapping[str, Any]) -> dict[str, list[float]]:
     return {k: sorted(v) for k, v in values.items()}
 
 
+# Hyper-parameters computed from another one that the grid searches (rbf-svm: gamma = gamma_scale / (n_features *
+# the features' variance)); an edge is reported for the searched one only.
+DERIVED_PARAMS = {"gamma": "gamma_scale"}
+
+
 def _grid_edges(r: Mapping[str, Any]) -> list[tuple[str, Any, str]] | None:
     """None when the chosen hyper-parameters are inside their grid (or nothing says otherwise); else the
     (parameter, value, "smallest"|"largest") edges hit, [] when the row only says "at an edge".
@@ -1333,6 +1338,8 @@ def _grid_edges(r: Mapping[str, Any]) -> list[tuple[str, Any, str]] | None:
     grid = _grid_values(r)
     edges = []
     for k, v in hp.items():
+        if DERIVED_PARAMS.get(k) in hp:  # e.g. rbf-svm's gamma follows from gamma_scale: one choice, named once
+            continue
         vals = grid.get(k, [])
         if not _is_num(v) or len(vals) < (2 if r.get("family") == FEATURES else 3):
             continue
@@ -1467,7 +1474,8 @@ def _interval_basis(per_shot: Sequence[Mapping[str, Any]]) -> str:
 def _bracket_clause(p: Mapping[str, Any], bracket: tuple[Any, Any]) -> str:
     last_head, first_tune = bracket
     if p["status"] == "finetune":
-        return "; there fine-tuning is clearly ahead"
+        below = f", and the head is clearly ahead up to {_shot_phrase(last_head, bare=True)}" if last_head is not None else ""
+        return f"; there fine-tuning is clearly ahead{below}"
     why = "one draw there gives no interval" if p["ci"] is None else "the interval there includes no difference"
     if last_head is not None and first_tune is not None:
         where = (
