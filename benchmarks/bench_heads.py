@@ -65,7 +65,10 @@ def _read_h5(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def real_dataset(cache_dir: Path, name: str) -> dict[str, np.ndarray]:
-    files = {s: next(iter(sorted(cache_dir.glob(f"{name}-{s}-*.h5"))), None) for s in ("train", "val", "test")}
+    files = {
+        s: next(iter(sorted(cache_dir.glob(f"{name}-{s}-efficientnet_lite0-pooled-*.h5"))), None)
+        for s in ("train", "val", "test")
+    }
     X, y = _read_h5(files["train"])
     Xte, yte = _read_h5(files["test"])
     if files["val"] is not None:
@@ -337,14 +340,15 @@ def _big_cache(path: Path, n: int, template_attrs: dict[str, Any], seed: int) ->
 
 CHILD = r"""
 import json, sys, time, resource
-mode, train, val = sys.argv[1], sys.argv[2], sys.argv[3]
+mode, train, val, grid = sys.argv[1], sys.argv[2], sys.argv[3], [{"C": float(c)} for c in sys.argv[4].split(",")]
 t0 = time.perf_counter()
 out = {"mode": mode}
 try:
     if mode == "stream":
         from featx.heads import fit_head
-        h = fit_head(train, val, kind="logreg", stream=True, grid=[{"C": 1e-3}, {"C": 1e-2}])
-        out.update(best_params=h.best_params, val_accuracy=h.val_accuracy, n_fit=h.metadata["n_fit"], chunk_rows=h.metadata["chunk_rows"])
+        h = fit_head(train, val, kind="logreg", stream=True, grid=grid)
+        out.update(best_params=h.best_params, val_accuracy=h.val_accuracy, n_fit=h.metadata["n_fit"], chunk_rows=h.metadata["chunk_rows"],
+                   sweep_seconds=h.metadata.get("sweep_seconds"), refit_seconds=h.metadata.get("refit_seconds"))
     else:
         from featx.cache import load_cache
         fs = load_cache(train)
@@ -358,12 +362,12 @@ print("RESULT " + json.dumps(out), flush=True)
 """
 
 
-def _run_limited(mode: str, train: Path, val: Path, limit_mb: int) -> dict[str, Any]:
+def _run_limited(mode: str, train: Path, val: Path, limit_mb: int, grid: str) -> dict[str, Any]:
     CGROUP.mkdir(exist_ok=True)
     (CGROUP / "memory.limit_in_bytes").write_text(str(limit_mb * 2**20))
     (CGROUP / "memory.max_usage_in_bytes").write_text("0")
     fail0 = int((CGROUP / "memory.failcnt").read_text())
-    code = f"echo $$ > {CGROUP}/cgroup.procs && exec {sys.executable} -c '{CHILD}' {mode} {train} {val}"
+    code = f"echo $$ > {CGROUP}/cgroup.procs && exec {sys.executable} -c '{CHILD}' {mode} {train} {val} {grid}"
     t0 = time.perf_counter()
     p = subprocess.run(["sh", "-c", code], capture_output=True, text=True)
     res = {"returncode": p.returncode, "wall_s": time.perf_counter() - t0}
@@ -401,9 +405,10 @@ def part_stream(args: argparse.Namespace) -> dict[str, Any]:
         "generate_s": gen_s,
         "how": "cgroup v1 memory.limit_in_bytes on the child process (RSS + page cache it touches; no swap)",
     }
-    res["in_memory_load"] = _run_limited("load", train, val, args.limit_mb)
+    res["grid"] = args.stream_grid
+    res["in_memory_load"] = _run_limited("load", train, val, args.limit_mb, args.stream_grid)
     print(json.dumps(res["in_memory_load"]), flush=True)
-    res["streamed_fit"] = _run_limited("stream", train, val, args.limit_mb)
+    res["streamed_fit"] = _run_limited("stream", train, val, args.limit_mb, args.stream_grid)
     print(json.dumps(res["streamed_fit"]), flush=True)
     return {"stream": res}
 
@@ -488,7 +493,7 @@ def write_report(results: dict[str, Any], out: Path) -> None:
         ]
         for key, label in (
             ("in_memory_load", "load_cache (whole matrix in memory)"),
-            ("streamed_fit", "fit_head(stream=True), logreg, 2 C values"),
+            ("streamed_fit", f"fit_head(stream=True), logreg, C grid {s.get('grid', '1e-3,1e-2')}"),
         ):
             r = s[key]
             what = (
@@ -542,6 +547,7 @@ def main() -> None:
     ap.add_argument("--template-cache", default=None, help="stream: a real cache whose attributes the big caches copy")
     ap.add_argument("--stream-rows", type=int, default=500_000)
     ap.add_argument("--limit-mb", type=int, default=768)
+    ap.add_argument("--stream-grid", default="1e-3", help="stream: comma-separated C values of the streamed sweep")
     args = ap.parse_args()
     args.kinds = [k for k in args.kinds.split(",") if k]
     out = Path(args.out)

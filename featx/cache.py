@@ -7,11 +7,12 @@ One file per (dataset split, backbone, weights, layer, preprocessing, precision)
     /paths      str (N)                 relative to the dataset root (UTF-8-safe, see data.printable_path)
     /indices    int64 (N), fletcher32   position in the dataset split (shards are merged by it)
     /valid      bool (N), fletcher32    False for images that could not be decoded (row is zeros)
+    /features_crc32  uint32 (N)         zlib.crc32 of each stored feature row (see Damage)
     /classes    str (C)
     /failures/index, /failures/reason   one row per image that could not be decoded
     attrs: complete, format_version, key, embedder (JSON), featx_version, backbone, layer, dataset_name,
            dataset_fingerprint, split, created_at, extraction_seconds, n_images, n_failed, device, batch_size,
-           chunk_rows, feature_dim, resumed_at, ..., attrs_sha256 and tables_sha256 (digests, see below)
+           chunk_rows, feature_dim, resumed_at, ..., arrays_sha256, attrs_sha256 and tables_sha256 (digests, see below)
 
 **Journal.** Extraction never writes the HDF5 file directly. It writes ``<name>.partial/``: ``journal.json``
 (what is being computed, with every setting that changes the numbers) and one ``chunk-NNNNNNNNN-<sha>.npz``
@@ -21,8 +22,12 @@ checks the journal and every chunk and computes only what is missing. When every
 is assembled into ``<name>.h5.tmp``, fsync'd and renamed to ``<name>.h5``; then the journal is removed.
 
 **Damage.** The numeric datasets carry HDF5's fletcher32 checksum per chunk; ``attrs_sha256`` covers every
-attribute and ``tables_sha256`` the string tables (paths, classes, failures). Readers turn any mismatch,
-truncation or unreadable structure into a one-line :class:`CacheError` naming the file and the fix.
+attribute and ``tables_sha256`` the string tables (paths, classes, failures). Fletcher32 cannot tell a 16-bit
+word 0x0000 from 0xFFFF, and zeros are common here (ReLU features, the rows of failed images, small labels), so
+each feature row also has its crc32 in ``/features_crc32``, checked on every read, and ``arrays_sha256`` covers
+labels, indices, valid and those crcs (files written before these existed are read with fletcher32 alone).
+Readers turn any mismatch, truncation or unreadable structure into a one-line :class:`CacheError` naming the
+file and the fix.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import os
 import re
 import shutil
 import time
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,11 +163,15 @@ def find_cache(cache_dir: Path, spec: CacheSpec) -> Path | None:
 
 def check_cache_spec(path: Path, attrs: dict[str, Any], spec: CacheSpec) -> None:
     """Refuse a cache whose stored key or spec is not the requested one."""
+    try:
+        embedder = EmbedderSpec.from_dict(attrs["embedder"]).identity() if "embedder" in attrs else None
+    except Exception as exc:  # an edited or damaged attribute (the digest is checked after this)
+        raise _damaged(path, f"embedder attribute unreadable: {_first_line(exc)}") from None
     stored = {
         "key": attrs.get("key"),
         "dataset_fingerprint": attrs.get("dataset_fingerprint"),
         "split": attrs.get("split"),
-        "embedder": EmbedderSpec.from_dict(attrs["embedder"]).identity() if "embedder" in attrs else None,
+        "embedder": embedder,
     }
     wanted = {
         "key": spec.key(),
@@ -497,6 +507,22 @@ def _attrs_digest(raw: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
 
 
+def _arrays_digest(*arrays: np.ndarray) -> str:
+    """sha256 of small numeric datasets (labels, indices, valid, features_crc32): dtype, shape and bytes."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"\x1d{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _row_crcs(rows: np.ndarray) -> np.ndarray:
+    """zlib.crc32 of each row's bytes, as stored."""
+    rows = np.ascontiguousarray(rows)
+    return np.fromiter((zlib.crc32(r) for r in rows), dtype=np.uint32, count=len(rows))
+
+
 def _tables_digest(paths: Iterable[str], classes: Iterable[str], fail_index: Iterable[int], fail_reason: Iterable[str]) -> str:
     h = hashlib.sha256()
     for name, items in (("paths", paths), ("classes", classes), ("fail_index", fail_index), ("fail_reason", fail_reason)):
@@ -535,6 +561,7 @@ def write_cache_file(
     ok = False
     try:
         valid = np.zeros(n_rows, dtype=bool)
+        crcs = np.zeros(n_rows, dtype=np.uint32)
         with h5py.File(guard, "w") as f:
             feats_ds = None
             filled = 0
@@ -548,7 +575,9 @@ def write_cache_file(
                 if start != filled:
                     raise CacheError(f"internal: block at row {start}, expected {filled}")
                 stop = start + len(feats)
-                feats_ds[start:stop] = np.where(ok_rows[:, None], feats, 0).astype(dtype, copy=False)
+                stored = np.ascontiguousarray(np.where(ok_rows[:, None], feats, 0).astype(dtype, copy=False))
+                feats_ds[start:stop] = stored
+                crcs[start:stop] = _row_crcs(stored)
                 valid[start:stop] = ok_rows
                 failures += [(start + j, r) for j, r in enumerate(reasons) if r and not ok_rows[j]]
                 filled = stop
@@ -559,16 +588,23 @@ def write_cache_file(
                     raise CacheError(f"internal: {filled} of {n_rows} rows to write")
                 str_dt = h5py.string_dtype()
                 n_chunk = (min(n_rows, 1 << 16),)
-                f.create_dataset("labels", data=np.asarray(labels, dtype=np.int64), chunks=n_chunk, fletcher32=True)
+                labels_arr, indices = np.asarray(labels, dtype=np.int64), np.arange(n_rows, dtype=np.int64)
+                f.create_dataset("labels", data=labels_arr, chunks=n_chunk, fletcher32=True)
                 f.create_dataset("paths", data=np.asarray(paths, dtype=object), dtype=str_dt)
-                f.create_dataset("indices", data=np.arange(n_rows, dtype=np.int64), chunks=n_chunk, fletcher32=True)
+                f.create_dataset("indices", data=indices, chunks=n_chunk, fletcher32=True)
                 f.create_dataset("valid", data=valid, chunks=n_chunk, fletcher32=True)
+                f.create_dataset("features_crc32", data=crcs, chunks=n_chunk, fletcher32=True)
                 f.create_dataset("classes", data=np.asarray(classes, dtype=object), dtype=str_dt)
                 g = f.create_group("failures")
                 fail_index = np.asarray([i for i, _ in failures], dtype=np.int64)
                 g.create_dataset("index", data=fail_index, **({"chunks": True, "fletcher32": True} if failures else {}))
                 g.create_dataset("reason", data=np.asarray([r for _, r in failures], dtype=object), dtype=str_dt)
-                all_attrs = {**attrs, "n_failed": len(failures), "complete": True}
+                all_attrs = {
+                    **attrs,
+                    "n_failed": len(failures),
+                    "complete": True,
+                    "arrays_sha256": _arrays_digest(labels_arr, indices, valid, crcs),
+                }
                 for k, v in all_attrs.items():
                     f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list)) else ("" if v is None else v)
                 f.attrs["tables_sha256"] = _tables_digest(paths, classes, fail_index.tolist(), [r for _, r in failures])
@@ -723,10 +759,18 @@ class CacheReader:
             fail_reason = [str(r) for r in f["failures/reason"].asstr()[:]]
             self.n_rows, self.feature_dim = (int(n) for n in self._features.shape)
             chunks = self._features.chunks
+            self._row_crc = f["features_crc32"][:] if "features_crc32" in f else None
         except Exception as exc:  # checksum errors are OSError; broken structure raises anything
             raise _damaged(p, _first_line(exc)) from None
         if any(len(a) != self.n_rows for a in (self.labels, self.valid, self.indices, self._paths)):
             raise _damaged(p, f"{self.n_rows} feature rows but {len(self.labels)} labels")
+        if self._row_crc is not None and len(self._row_crc) != self.n_rows:
+            raise _damaged(p, f"{self.n_rows} feature rows but {len(self._row_crc)} row checksums")
+        if "arrays_sha256" in self.attrs:  # featx writes both or neither
+            if self._row_crc is None:
+                raise _damaged(p, "features_crc32 is missing")
+            if _arrays_digest(self.labels, self.indices, self.valid, self._row_crc) != self.attrs["arrays_sha256"]:
+                raise _damaged(p, "labels, indices or valid mask do not match their digest")
         if _tables_digest(self._paths, self.classes, fail_index.tolist(), fail_reason) != self.attrs.get("tables_sha256"):
             raise _damaged(p, "paths, classes or failures do not match their digest")
         self.chunk_rows = int((chunks or (self.n_rows,))[0])
@@ -748,12 +792,17 @@ class CacheReader:
         return list(self._paths)
 
     def read_rows(self, start: int, stop: int) -> np.ndarray:
-        """Feature rows ``[start, stop)`` as stored (checksums verified by HDF5)."""
+        """Feature rows ``[start, stop)`` as stored (fletcher32 checked by HDF5, each row's crc32 here)."""
         try:
-            return self._features[start:stop]
+            block = self._features[start:stop]
         except Exception as exc:
             what = "features fail their checksum" if "filter" in str(exc) else f"features unreadable: {_first_line(exc)}"
             raise _damaged(self.path, what) from None
+        if self._row_crc is not None:
+            bad = np.flatnonzero(_row_crcs(block) != self._row_crc[start : start + len(block)])
+            if len(bad):
+                raise _damaged(self.path, f"features fail their checksum (row {start + int(bad[0])})")
+        return block
 
     def iter_chunks(
         self, rows: np.ndarray | None = None, *, chunk_rows: int | None = None

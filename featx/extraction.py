@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from featx import runtime
+from featx import __version__, runtime
 from featx.backbones import (
     DEFAULT_BACKBONE,
     POOLED,
@@ -433,6 +433,23 @@ def _norm_json(v: Any) -> Any:
     return json.loads(json.dumps(v, sort_keys=True, default=str))
 
 
+#: featx.inference's settings that can change the float32 rounding but are not in the cache key (``--optimize``,
+#: ``--decode``, ``--jpeg-draft`` reach it through these variables). A journal records them as given; a rerun
+#: with other values starts over instead of mixing two kinds of rows in one cache.
+_INFERENCE_ENV = {
+    "optimize": "FEATX_OPTIMIZE",
+    "decode": "FEATX_DECODE",
+    "jpeg_draft": "FEATX_JPEG_DRAFT",
+    "streams": "FEATX_STREAMS",
+    "micro_batch": "FEATX_MICRO_BATCH",
+}
+
+
+def _inference_settings() -> dict[str, str]:
+    values = {k: os.environ.get(v, "").strip().lower() for k, v in _INFERENCE_ENV.items()}
+    return {k: "" if v == "auto" else v for k, v in values.items()}
+
+
 def _extract_split(
     ds: ImageDataset,
     split: Split,
@@ -453,7 +470,17 @@ def _extract_split(
     runtime.check_precision(precision, dev)
     n = len(split)
     # What must match for a journal to be resumed (the key covers rows and embedder; the device changes numbers).
-    requested = _norm_json({"key": spec.key(), "spec": spec.identity(), "n_rows": n, "device": dev.type, "layer": layer})
+    requested = _norm_json(
+        {
+            "key": spec.key(),
+            "spec": spec.identity(),
+            "n_rows": n,
+            "device": dev.type,
+            "layer": layer,
+            "featx_version": __version__,
+            **_inference_settings(),
+        }
+    )
     state = None
     if journal.exists():
         try:

@@ -422,7 +422,18 @@ def _sq_dists(A: np.ndarray, B: np.ndarray) -> np.ndarray:
 
 
 def _gram_fits(n: int) -> bool:
-    return 3 * 8 * n * n <= GRAM_MAX_BYTES
+    """Peak memory of the precomputed-kernel path: the float32 distances of all n rows (4 n^2 bytes) plus one
+    float64 kernel of the rows being fitted (at most 8 n^2, the refit on train + val)."""
+    return 12 * n * n <= GRAM_MAX_BYTES
+
+
+def _rbf_kernel(D: np.ndarray, rows: np.ndarray, cols: np.ndarray, gamma: float) -> np.ndarray:
+    """exp(-gamma * D[rows][:, cols]) as float64, built in place (a view of D when the rows are contiguous)."""
+    r, c = _contiguous(rows), _contiguous(cols)
+    sub = D[r, c] if isinstance(r, slice) and isinstance(c, slice) else D[np.ix_(rows, cols)]
+    K = np.multiply(sub, -gamma, dtype=np.float64)
+    np.exp(K, out=K)
+    return K
 
 
 def _sweep_rbf_svm(X: np.ndarray, y: np.ndarray, folds: Folds, grid: list[dict[str, Any]], ctx: _Ctx) -> list[dict[str, Any]]:
@@ -438,24 +449,26 @@ def _sweep_rbf_svm(X: np.ndarray, y: np.ndarray, folds: Folds, grid: list[dict[s
     gammas = sorted({float(p["gamma"]) for p in grid})
     scores: dict[tuple[float, float], list[float]] = {}
     seconds: dict[tuple[float, float], float] = {}
+
+    def one(C: float, Ktr: np.ndarray, Kva: np.ndarray, tr: np.ndarray, va: np.ndarray) -> tuple[float, float]:
+        t2 = time.perf_counter()
+        acc = _accuracy(SVC(kernel="precomputed", C=C).fit(Ktr, y[tr]).predict(Kva), y[va])
+        return acc, time.perf_counter() - t2
+
     for g in gammas:
         Cs = sorted({float(p["C"]) for p in grid if float(p["gamma"]) == g})
         for tr, va in folds:
             t1 = time.perf_counter()
-            Ktr = np.exp(D[np.ix_(tr, tr)] * -g, dtype=np.float64)
-            Kva = np.exp(D[np.ix_(va, tr)] * -g, dtype=np.float64)
+            Ktr = _rbf_kernel(D, tr, tr, g)
+            Kva = _rbf_kernel(D, va, tr, g)
             kernel_s = time.perf_counter() - t1
-
-            def one(
-                C: float, Ktr: np.ndarray = Ktr, Kva: np.ndarray = Kva, tr: np.ndarray = tr, va: np.ndarray = va
-            ) -> tuple[float, float]:
-                t2 = time.perf_counter()
-                acc = _accuracy(SVC(kernel="precomputed", C=C).fit(Ktr, y[tr]).predict(Kva), y[va])
-                return acc, time.perf_counter() - t2
-
             jobs = min(len(Cs), ctx.n_jobs)
             with parallel_config(backend="threading"):  # libsvm releases the GIL; the kernels are shared, not copied
-                out = Parallel(n_jobs=jobs)(delayed(one)(C) for C in Cs) if jobs > 1 else [one(C) for C in Cs]
+                if jobs > 1:
+                    out = Parallel(n_jobs=jobs)(delayed(one)(C, Ktr, Kva, tr, va) for C in Cs)
+                else:
+                    out = [one(C, Ktr, Kva, tr, va) for C in Cs]
+            del Ktr, Kva  # freed before the next kernels are built
             for C, (acc, s) in zip(Cs, out):
                 scores.setdefault((C, g), []).append(acc)
                 seconds[(C, g)] = seconds.get((C, g), 0.0) + s + (kernel_s + gram_seconds / len(gammas)) / len(Cs)
@@ -491,7 +504,7 @@ def _refit_rbf_svm(X: np.ndarray, y: np.ndarray, params: dict[str, Any], ctx: _C
         with _quiet():
             return _svc(params).fit(X, y)
     sel = np.arange(len(D)) if rows is None else rows
-    K = np.exp(D[np.ix_(sel, sel)] * -float(params["gamma"]), dtype=np.float64)
+    K = _rbf_kernel(D, sel, sel, float(params["gamma"]))
     pre = SVC(kernel="precomputed", C=float(params["C"])).fit(K, y)
     return _svc_from_precomputed(pre, X, params)
 

@@ -6,20 +6,26 @@ prediction and the sklearn transformer share one hot loop. Writing the features 
 
 How the work is laid out (measured on a 2-core CPU, ``benchmarks/results/bench_extract.md``):
 
-- Decoding produces 8-bit HWC crops; ``ToTensor`` + ``Normalize`` run once per batch on the device
+- Decoding produces 8-bit HWC crops (PIL resize + crop exactly as torchvision's ``Resize`` + ``CenterCrop`` do
+  them, without importing torchvision); ``ToTensor`` + ``Normalize`` run once per batch on the device
   (bit-identical to torchvision's per-image transforms: the same float32 operations in the same order).
   A uint8 batch is 4x smaller to move between processes or to a GPU, and its NCHW view is already channels_last.
-- On the CPU, decoding runs in a thread pool *between* forwards (PIL releases the GIL), never beside them:
-  a decode process next to a multi-threaded forward oversubscribes small machines and stalls the whole
-  OpenMP team. Worker processes (``num_workers > 0``) are used when asked for, and by default on CUDA,
-  where the CPU is otherwise idle and decoding is the limit.
+- On the CPU the default is ``streams``: one worker thread per core, each decoding one image at a time and then
+  running its forward on that core alone (torch intra-op threads = 1, batch 1 per forward), batches handed back
+  in order.
+  Two single-threaded streams beat one two-threaded forward by ~1.45x on Lite0 (no OpenMP barrier after every
+  layer, each core's activations stay in its own cache), decoding overlaps the other stream's forward, and
+  nothing ever oversubscribes the cores. ``threads`` (decode in a pool *between* forwards that use every core)
+  and worker processes (``num_workers > 0``, the default on CUDA, where the CPU is otherwise idle and decoding
+  is the limit) remain.
 - The model is prepared once per model object: eval, channels_last, BatchNorm folded into the convolution
-  before it (``optimize="fold"``, checked against the plain forward on a probe batch; any mismatch falls
-  back to the plain model), or ``freeze`` (TorchScript trace + freeze) / ``compile`` (torch.compile).
+  before it (``fold``), and on the CPU in fp32 also TorchScript trace + freeze of the folded model (``freeze``,
+  the default there); each checked against the plain forward on probe batches, falling back to ``fold`` and
+  then to the plain model on any mismatch. ``compile`` (torch.compile) is opt-in.
 
 Options that extraction does not pass yet can be set with environment variables (read when the argument
 is left at its default): ``FEATX_OPTIMIZE``, ``FEATX_DECODE``, ``FEATX_JPEG_DRAFT`` (``featx extract``
-sets them from ``--optimize``, ``--decode`` and ``--jpeg-draft``).
+sets them from ``--optimize``, ``--decode`` and ``--jpeg-draft``), ``FEATX_STREAMS``, ``FEATX_MICRO_BATCH``.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ from featx.errors import UsageError
 log = logging.getLogger(__name__)
 
 OPTIMIZE_MODES = ("auto", "none", "fold", "freeze", "compile")
-DECODE_MODES = ("auto", "threads", "processes", "gpu")
+DECODE_MODES = ("auto", "streams", "threads", "processes", "gpu")
 # Relative agreement an optimised model must reach against the plain eval forward on the probe batch
 # (max |a - b| / max |a|); folding BatchNorm changes the float32 rounding only (~1e-6 measured on Lite0).
 FOLD_TOLERANCE = 1e-4
@@ -64,14 +70,18 @@ class Batch:
 class StageTimes:
     """Seconds spent per stage of :func:`iter_features` (filled when a ``profile`` object is passed).
 
-    ``decode`` is time the forward loop waited for decoded batches (all of it in threads mode, only the
-    stalls with worker processes); ``forward`` includes normalising the batch and copying features back.
+    ``decode``: time spent getting decoded batches (threads mode: all of the decoding, which runs between
+    forwards; processes: only the stalls; streams: decode + collate seconds summed over the streams).
+    ``forward`` includes normalising the batch and copying features back (streams: summed over the streams).
+    ``wait``: time the loop waited for the next finished batch (in threads mode decode + forward; in streams
+    mode what the parallel streams did not hide).
     """
 
     prepare: float = 0.0
     decode: float = 0.0
     forward: float = 0.0
     consumer: float = 0.0  # time the caller spent between batches (writing the cache)
+    wait: float = 0.0  # time the loop waited for the next finished batch
     images: int = 0
     batches: int = 0
     plan: dict[str, Any] = field(default_factory=dict)
@@ -82,6 +92,7 @@ class StageTimes:
             "decode_s": self.decode,
             "forward_s": self.forward,
             "consumer_s": self.consumer,
+            "wait_s": self.wait,
             "images": self.images,
             "batches": self.batches,
             **self.plan,
@@ -89,9 +100,10 @@ class StageTimes:
 
 
 def default_batch_size(device: Any) -> int:
-    """Measured defaults: on the 2-core CPU batch 16 with the folded channels_last model was best or within
-    noise of the best (``benchmarks/results/bench_extract.md``: large batches are slower per image, cache
-    effects); on CUDA 256 keeps an H100 busy (``../shared/notes/gpu-reference.md``)."""
+    """Images per batch handed to the caller (and per journal write). On the CPU 16: each stream decodes 16
+    images and runs them through the model :func:`default_micro_batch` at a time (larger forwards are slower
+    per image there, ``benchmarks/results/bench_extract.md``); on CUDA 256 keeps an H100 busy
+    (``../shared/notes/gpu-reference.md``)."""
     return 256 if device.type == "cuda" else 16
 
 
@@ -101,6 +113,17 @@ def _env_choice(name: str, value: str, choices: Sequence[str]) -> str:
     if value not in choices:
         raise UsageError(f"{name.removeprefix('FEATX_').lower()} must be one of {', '.join(choices)}, got '{value}'")
     return value
+
+
+def _env_int(name: str, value: int | None) -> int | None:
+    if value is not None:
+        return value
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise UsageError(f"{name} must be a positive integer, got '{raw}'")
+    return int(raw)
 
 
 def _env_flag(name: str, value: bool | None) -> bool:
@@ -183,21 +206,34 @@ def _relative_difference(a: Any, b: Any) -> float:
 _PREPARED: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], tuple[Any, str]]] = weakref.WeakKeyDictionary()
 
 
+def resolve_optimize(optimize: str, device: Any, precision: str = "fp32") -> str:
+    """``auto`` -> ``freeze`` on the CPU in fp32 (TorchScript trace + freeze of the folded model: the fastest CPU
+    path measured, ``benchmarks/results/bench_extract.md``), else ``fold`` (autocast and CUDA keep eager modules)."""
+    optimize = _env_choice("FEATX_OPTIMIZE", optimize, OPTIMIZE_MODES)
+    if optimize == "auto":
+        return "freeze" if device.type == "cpu" and precision == "fp32" else "fold"
+    return optimize
+
+
+class _Mismatch(ValueError):
+    pass
+
+
 def prepare_model(
     model: Any, *, device: Any, input_size: int, channels_last: bool = True, optimize: str = "auto", precision: str = "fp32"
 ) -> tuple[Any, str]:
     """The callable to run for inference and the optimisation actually applied (``none``, ``fold``,
     ``freeze`` or ``compile``). Cached per model object, so several splits prepare once.
 
-    ``auto`` is ``fold`` (measured to pay on the CPU, harmless on CUDA). ``fold`` and ``freeze`` are checked
-    against the plain forward on a random probe batch (relative max difference <= FOLD_TOLERANCE) and fall
-    back to the plain model otherwise; ``compile`` is trusted to torch.compile (its first batches compile).
+    ``auto``: see :func:`resolve_optimize`. ``fold`` and ``freeze`` are checked against the plain forward on a
+    random probe batch of 2 and of 1 (relative max difference <= FOLD_TOLERANCE). A ``freeze`` that fails or
+    disagrees falls back to ``fold``, a ``fold`` that does to the plain model (a warning when the mode was asked
+    for explicitly). ``compile`` is trusted to torch.compile (its first batches compile).
     """
     import torch
 
-    optimize = _env_choice("FEATX_OPTIMIZE", optimize, OPTIMIZE_MODES)
-    if optimize == "auto":
-        optimize = "fold"
+    requested = _env_choice("FEATX_OPTIMIZE", optimize, OPTIMIZE_MODES)
+    optimize = resolve_optimize(requested, device, precision)
     key = (str(device), channels_last, optimize, precision, input_size)
     cached = _PREPARED.get(model, {}).get(key)
     if cached is not None:
@@ -208,11 +244,16 @@ def prepare_model(
         plain = plain.to(memory_format=memory_format)
     out: tuple[Any, str] = (plain, "none")
     if optimize in ("fold", "freeze"):
-        try:
-            out = _fold_or_freeze(plain, optimize, device, input_size, memory_format, precision)
-        except Exception as exc:  # an exotic model: the plain forward is always right
-            why = f"{type(exc).__name__}: {exc}"
-            log.warning("could not %s %s (%s); using the plain model", optimize, type(model).__name__, why)
+        for mode in ("freeze", "fold") if optimize == "freeze" else ("fold",):
+            try:
+                out = _fold_or_freeze(plain, mode, device, input_size, memory_format, precision)
+                break
+            except Exception as exc:  # an exotic model (hooks that stop the forward, ...): the plain forward is always right
+                why = f"{type(exc).__name__}: {exc}"
+                then = "using fold" if mode == "freeze" else "using the plain model"
+                (log.debug if requested == "auto" else log.warning)(
+                    "could not %s %s (%s); %s", mode, type(model).__name__, why, then
+                )
     elif optimize == "compile":
         out = (torch.compile(plain, dynamic=False), "compile")
     _PREPARED.setdefault(model, {})[key] = out
@@ -233,18 +274,19 @@ def _fold_or_freeze(
     folded = folded.to(device)
     if memory_format == torch.channels_last:
         folded = folded.to(memory_format=memory_format)
+    if n == 0 and optimize == "fold":
+        return plain, "none"
     candidate: Any = folded
     if optimize == "freeze":
         with warnings.catch_warnings(), torch.inference_mode():
             warnings.simplefilter("ignore")  # "torch.jit.* is deprecated": still the fastest CPU path measured
             candidate = torch.jit.freeze(torch.jit.trace(folded, probe, check_trace=False).eval())
+    tol = FOLD_TOLERANCE * (1 if precision == "fp32" else 100)
     with torch.inference_mode(), runtime.autocast(device, precision):
-        diff = _relative_difference(plain(probe), candidate(probe))
-    if diff > FOLD_TOLERANCE * (1 if precision == "fp32" else 100):
-        log.warning("%s changed %s's features by %.2g (relative); using the plain model", optimize, type(plain).__name__, diff)
-        return plain, "none"
-    if n == 0 and optimize == "fold":
-        return plain, "none"
+        for x in (probe, probe[:1]):  # batch 1 too: a trace must not have baked in the batch size
+            diff = _relative_difference(plain(x), candidate(x))
+            if not diff <= tol:
+                raise _Mismatch(f"it changed the features by {diff:.2g} (relative) at batch {len(x)}")
     return candidate, optimize
 
 
@@ -252,20 +294,45 @@ def _fold_or_freeze(
 # Decoding to uint8 batches
 
 
-class _ToHWC:
-    """PIL RGB image -> uint8 array (H, W, 3); normalisation happens per batch (see the module doc)."""
+PIL_INTERPOLATION = {"nearest": 0, "nearest-exact": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
+
+
+class _ResizeCropHWC:
+    """PIL RGB image -> uint8 array (H, W, 3): torchvision's ``Resize(resize_size)`` + ``CenterCrop(input_size)``
+    on PIL images, step for step (the same output size rule, the same ``Image.resize`` call with the same filter,
+    the same crop box, zeros where the crop is larger than the image), without importing torchvision.
+    Normalisation happens per batch (see the module doc)."""
+
+    def __init__(self, preprocessing: Preprocessing) -> None:
+        if preprocessing.interpolation not in PIL_INTERPOLATION:
+            raise UsageError(f"unknown interpolation '{preprocessing.interpolation}' (known: {', '.join(PIL_INTERPOLATION)})")
+        self.short = preprocessing.resize_size
+        self.crop = preprocessing.input_size
+        self.filter = PIL_INTERPOLATION[preprocessing.interpolation]
+
+    def size_after_resize(self, w: int, h: int) -> tuple[int, int]:
+        """torchvision's ``_compute_resized_output_size`` for one requested short side."""
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = self.short, int(self.short * long / short)
+        return (new_short, new_long) if w <= h else (new_long, new_short)
 
     def __call__(self, image: Any) -> np.ndarray:
+        w, h = image.size
+        nw, nh = self.size_after_resize(w, h)
+        if (nw, nh) != (w, h):
+            image = image.resize((nw, nh), self.filter)
+        c = self.crop
+        pad_l, pad_t = ((c - nw) // 2 if c > nw else 0), ((c - nh) // 2 if c > nh else 0)
+        pw, ph = max(nw, c), max(nh, c)  # the size after torchvision's zero padding
+        left, top = int(round((pw - c) / 2.0)) - pad_l, int(round((ph - c) / 2.0)) - pad_t
+        if (left, top, nw, nh) != (0, 0, c, c):
+            image = image.crop((left, top, left + c, top + c))  # PIL fills outside the image with zeros
         return np.asarray(image, dtype=np.uint8)
 
 
 def uint8_transform(preprocessing: Preprocessing) -> Callable[[Any], np.ndarray]:
     """The eval transform up to the crop (the same PIL resize and crop as ``build_transform``), as uint8 HWC."""
-    from torchvision import transforms as T
-
-    interp = T.InterpolationMode(preprocessing.interpolation)
-    resize = T.Resize(preprocessing.resize_size, interpolation=interp)
-    return T.Compose([resize, T.CenterCrop(preprocessing.input_size), _ToHWC()])
+    return _ResizeCropHWC(preprocessing)
 
 
 class _Collate:
@@ -383,10 +450,20 @@ def _decode_gpu(files: ImageFiles, idx: Sequence[int], preprocessing: Preprocess
 
 def decode_threads() -> int:
     """Threads that decode between forwards on the CPU: every core this process may use."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+    return runtime.usable_cores()
+
+
+def default_streams() -> int:
+    """CPU streams (``decode="streams"``): one per core this process may use."""
+    return runtime.usable_cores()
+
+
+def default_micro_batch(device: Any) -> int:
+    """Images per forward inside a stream: 1 on the CPU. Measured on the 2-core CPU (Lite0, frozen, channels_last):
+    two single-threaded streams at batch 1 ran 81 img/s against 57 at batch 8 and 51 at batch 16, and against 56
+    for the best single forward with two intra-op threads (``benchmarks/results/bench_extract.md``): small batches
+    keep each core's activations in its own cache and no OpenMP team waits on a barrier after every layer."""
+    return 1 if device.type == "cpu" else 0
 
 
 def iter_features(
@@ -407,12 +484,25 @@ def iter_features(
     decode: str = "auto",
     jpeg_draft: bool | None = None,
     profile: StageTimes | None = None,
+    streams: int | None = None,
+    micro_batch: int | None = None,
 ) -> Iterator[Batch]:
     """Yield features for ``paths`` batch by batch, in order. ``model`` maps images to (N, D).
 
-    ``decode``: ``threads`` (a pool of :func:`decode_threads` threads; on the CPU between forwards, on CUDA
-    ahead of them), ``processes`` (``num_workers`` DataLoader workers), ``gpu`` (nvJPEG on the CUDA device,
-    opt-in: its resize differs slightly from PIL's) or ``auto`` (processes when ``num_workers > 0``, else threads).
+    ``decode`` (how decoding and the forward share the machine):
+
+    - ``streams`` (the CPU default): ``streams`` worker threads (default: one per core), each decoding
+      ``micro_batch`` images (default :func:`default_micro_batch`) and running their forward on one core (torch
+      intra-op threads = 1 while the loop runs); batches of ``batch_size`` come back in order. No core ever runs
+      two heavy things at once, decoding overlaps the other streams' forwards, and the caller's work between
+      batches (writing the cache) overlaps both.
+    - ``threads``: a pool of :func:`decode_threads` threads; on the CPU it decodes between forwards that use
+      every core (intra-op threads), on CUDA two batches ahead of them.
+    - ``processes``: ``num_workers`` DataLoader worker processes (the default on CUDA and with ``--num-workers``).
+    - ``gpu``: nvJPEG on the CUDA device (opt-in: its resize differs slightly from PIL's).
+    - ``auto``: processes when ``num_workers > 0``, else streams on the CPU and threads on CUDA.
+
+    ``FEATX_STREAMS`` and ``FEATX_MICRO_BATCH`` set ``streams`` and ``micro_batch`` when they are left at None.
     ``jpeg_draft``: let JPEGs decode at a reduced DCT scale when they are at least twice the resize size
     (faster on large photos; changes the numbers slightly, so off unless asked for).
     ``optimize``: see :func:`prepare_model`.
@@ -421,12 +511,17 @@ def iter_features(
 
     t_start = time.perf_counter()
     decode = _env_choice("FEATX_DECODE", decode, DECODE_MODES)
+    cuda = device.type == "cuda"
     if decode == "auto":
-        decode = "processes" if num_workers > 0 else "threads"
+        decode = "processes" if num_workers > 0 else ("threads" if cuda else "streams")
     if decode == "processes" and num_workers <= 0:
         raise UsageError("decode 'processes' needs --num-workers > 0")
-    if decode == "gpu" and device.type != "cuda" and not os.environ.get("FEATX_GPU_DECODE_ON_CPU"):
+    if decode == "gpu" and not cuda and not os.environ.get("FEATX_GPU_DECODE_ON_CPU"):
         raise UsageError("--decode gpu needs a CUDA device")
+    if decode == "streams" and cuda:
+        raise UsageError("decode 'streams' is for the CPU (on CUDA use threads, processes or gpu)")
+    n_streams = _env_int("FEATX_STREAMS", streams) or default_streams()
+    micro = _env_int("FEATX_MICRO_BATCH", micro_batch) or default_micro_batch(device) or batch_size
     draft = _env_flag("FEATX_JPEG_DRAFT", jpeg_draft)
     size = preprocessing.input_size
     files = ImageFiles(
@@ -450,41 +545,127 @@ def iter_features(
             "optimize": applied,
             "batch_size": batch_size,
             "num_workers": num_workers if decode == "processes" else 0,
-            "decode_threads": decode_threads() if decode != "processes" else 0,
-            "torch_threads": torch.get_num_threads(),
+            "decode_threads": decode_threads() if decode in ("threads", "gpu") else 0,
+            "streams": n_streams if decode == "streams" else 0,
+            "micro_batch": micro if decode == "streams" else batch_size,
+            "torch_threads": 1 if decode == "streams" else torch.get_num_threads(),
             "channels_last": channels_last,
             "jpeg_draft": draft,
             "device": str(device),
         }
-    batches = _batches(files, collate, preprocessing, device, batch_size, num_workers, decode)
     bar = runtime.progress_bar(None, total=len(files), desc=desc, enabled=progress)
+
+    def forward(images: Any) -> np.ndarray:
+        x = normalize_batch(images.to(device, non_blocking=True), mean, std, channels_last=channels_last)
+        with runtime.autocast(device, precision):
+            feats = fn(x)
+        return feats.float().cpu().numpy()  # synchronises with the device
+
+    if decode == "streams":
+        results = _streams(files, collate, batch_size, n_streams, micro, forward)
+    else:
+        results = _decode_then_forward(files, collate, preprocessing, device, batch_size, num_workers, decode, forward)
     try:
         with torch.inference_mode():
             while True:
                 t0 = time.perf_counter()
                 try:
-                    images, labs, pos, errors = next(batches)
+                    pos, out, labs, errors, t_dec, t_fwd = next(results)
                 except StopIteration:
                     break
                 t1 = time.perf_counter()
-                x = normalize_batch(images.to(device, non_blocking=True), mean, std, channels_last=channels_last)
-                with runtime.autocast(device, precision):
-                    feats = fn(x)
-                out = feats.float().cpu().numpy()  # synchronises with the device
-                t2 = time.perf_counter()
                 yield Batch(pos, out, labs, list(errors))
                 bar.update(len(pos))
                 if profile is not None:
-                    profile.decode += t1 - t0
-                    profile.forward += t2 - t1
-                    profile.consumer += time.perf_counter() - t2
+                    profile.decode += t_dec
+                    profile.forward += t_fwd
+                    profile.wait += t1 - t0
+                    profile.consumer += time.perf_counter() - t1
                     profile.images += len(pos)
                     profile.batches += 1
     finally:
         bar.close()
+        results.close()
+
+
+_Result = tuple[np.ndarray, np.ndarray, np.ndarray, list[str], float, float]  # pos, features, labels, errors, decode s, forward s
+
+
+def _decode_then_forward(
+    files: ImageFiles,
+    collate: _Collate,
+    preprocessing: Preprocessing,
+    device: Any,
+    batch_size: int,
+    num_workers: int,
+    decode: str,
+    forward: Callable[[Any], np.ndarray],
+) -> Iterator[_Result]:
+    """threads / processes / gpu: decoded batches from :func:`_batches`, each forward in this thread."""
+    batches = _batches(files, collate, preprocessing, device, batch_size, num_workers, decode)
+    try:
+        while True:
+            t0 = time.perf_counter()
+            try:
+                images, labs, pos, errors = next(batches)
+            except StopIteration:
+                return
+            t1 = time.perf_counter()
+            out = forward(images)
+            yield pos, out, labs, errors, t1 - t0, time.perf_counter() - t1
+    finally:
         close = getattr(batches, "close", None)
         if close is not None:
             close()
+
+
+def _streams(
+    files: ImageFiles, collate: _Collate, batch_size: int, n_streams: int, micro: int, forward: Callable[[Any], np.ndarray]
+) -> Iterator[_Result]:
+    """Batches decoded and forwarded by ``n_streams`` worker threads, one core each (torch intra-op threads are 1
+    while this runs and restored after), yielded in order. The unit of work is one micro-batch (decode its images,
+    forward them), so the images of one batch spread over all streams (its latency and the tail at the end are
+    one micro-batch, not one batch); two batches are in flight, so no stream waits while the caller works."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    import torch
+
+    n = len(files)
+    ranges = [range(lo, min(lo + batch_size, n)) for lo in range(0, n, batch_size)]
+
+    def work(idx: range) -> _Result:
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            images, labs, pos, errors = collate([files[i] for i in idx])
+            t1 = time.perf_counter()
+            return pos, forward(images), labs, errors, t1 - t0, time.perf_counter() - t1
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    pool = ThreadPoolExecutor(max_workers=n_streams, thread_name_prefix="featx-stream")
+    pending: deque[list[Future[_Result]]] = deque()
+    it = iter(ranges)
+    try:
+        while True:
+            while len(pending) < 2:
+                r = next(it, None)
+                if r is None:
+                    break
+                pending.append([pool.submit(work, r[k : k + micro]) for k in range(0, len(r), micro)])
+            if not pending:
+                return
+            parts = [f.result() for f in pending.popleft()]
+            yield (
+                np.concatenate([p[0] for p in parts]),
+                np.concatenate([p[1] for p in parts]),
+                np.concatenate([p[2] for p in parts]),
+                [e for p in parts for e in p[3]],
+                sum(p[4] for p in parts),
+                sum(p[5] for p in parts),
+            )
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(threads)
 
 
 def _batches(

@@ -116,13 +116,19 @@ def test_early_stopping_scores_test_with_best_weights(colours: Path, tmp_path: P
 
 
 def _interrupt_when_exists(path: Path, stop: threading.Event) -> threading.Thread:
-    """Ctrl-C for the main thread as soon as ``path`` appears (the first epoch's checkpoint)."""
+    """Ctrl-C for the main thread as soon as ``path`` appears (the first epoch's checkpoint).
+
+    Re-sent every 0.25 s until the test sets ``stop``: a simulated SIGINT that lands while the main thread runs
+    an exception-swallowing callback (a finaliser, a worker-shutdown hook) is lost, as a real Ctrl-C would be,
+    and a user would press it again.
+    """
 
     def watch() -> None:
         while not stop.is_set():
             if path.exists():
                 _thread.interrupt_main()
-                return
+                stop.wait(0.25)
+                continue
             time.sleep(0.002)
 
     thread = threading.Thread(target=watch, daemon=True)

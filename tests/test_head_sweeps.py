@@ -201,13 +201,22 @@ def test_linear_probe_in_raw_feature_space(problem: dict[str, np.ndarray]) -> No
     np.testing.assert_allclose(p / p.sum(axis=1, keepdims=True), ref, atol=1e-4)
 
 
-def _write_cache(path: Path, X: np.ndarray, y: np.ndarray, attrs: dict[str, Any], classes: list[str], chunk: int) -> Path:
+def _write_cache(
+    path: Path, X: np.ndarray, y: np.ndarray, attrs: dict[str, Any], classes: list[str], chunk: int, dtype: Any = np.float32
+) -> Path:
     """A cache with featx's layout, written by featx's own cache writer in row blocks."""
     from featx.cache import write_cache_file
 
     blocks = ((s, X[s : s + chunk], np.ones(len(X[s : s + chunk]), bool), []) for s in range(0, len(y), chunk))
     return write_cache_file(
-        path, n_rows=len(y), blocks=blocks, labels=y, paths=[f"{i}.png" for i in range(len(y))], classes=classes, attrs=attrs
+        path,
+        n_rows=len(y),
+        blocks=blocks,
+        labels=y,
+        paths=[f"{i}.png" for i in range(len(y))],
+        classes=classes,
+        attrs={**attrs, "dtype": np.dtype(dtype).name},
+        dtype=dtype,
     )
 
 
@@ -246,3 +255,29 @@ def test_sample_heads_save_and_load_with_every_lever(sample_caches: dict[str, Pa
         loaded = load_head(save_head(head, tmp_path / f"{kind}.skops"))
         np.testing.assert_allclose(loaded.predict_proba(sets[2].features), head.predict_proba(sets[2].features), atol=1e-12)
         assert head.metadata["selection"] == "val" and "at_grid_edge" in head.metadata
+
+
+def test_float16_cache_gives_the_float32_choices(sample_caches: dict[str, Path], tmp_path: Path) -> None:
+    """A float16 cache (what CUDA fp16 extraction writes) reads back as float32 and leads every head, in memory
+    and streamed, to the choices and predictions of the float32 cache of the same features."""
+    template = load_cache(sample_caches["train"]).attrs
+    X, y = pooled_like(600, d=40, k=4, seed=21)
+    Xv, yv = pooled_like(200, d=40, k=4, seed=22)
+    Xt = pooled_like(300, d=40, k=4, seed=23)[0]
+    caches = {}
+    for dtype in (np.float32, np.float16):
+        for name, A, b in (("train", X, y), ("val", Xv, yv)):
+            caches[dtype, name] = _write_cache(
+                tmp_path / f"{np.dtype(dtype).name}-{name}.h5", A, b, {**template, "split": name}, ["a", "b", "c", "d"], 64, dtype
+            )
+    half = load_cache(caches[np.float16, "train"])
+    assert half.features.dtype == np.float32
+    np.testing.assert_array_equal(half.features, X.astype(np.float16).astype(np.float32))
+    for kind in HEADS:
+        f32 = fit_head(load_cache(caches[np.float32, "train"]), load_cache(caches[np.float32, "val"]), kind=kind, n_jobs=1)
+        f16 = fit_head(half, load_cache(caches[np.float16, "val"]), kind=kind, n_jobs=1)
+        assert f16.best_params == f32.best_params, kind
+        assert (f16.predict(Xt) == f32.predict(Xt)).mean() >= 0.98, kind
+    s32 = fit_head(caches[np.float32, "train"], caches[np.float32, "val"], kind="logreg", stream=True)
+    s16 = fit_head(caches[np.float16, "train"], caches[np.float16, "val"], kind="logreg", stream=True)
+    assert s16.best_params == s32.best_params and (s16.predict(Xt) == s32.predict(Xt)).mean() >= 0.98
