@@ -425,6 +425,10 @@ def _mid_features(p: Path, rng: np.random.Generator) -> None:
     _xor(p, off + size // 2 - 8, 16)
 
 
+class NotApplicable(Exception):
+    """This kind of damage has nothing to hit in this cache (e.g. no zeros in its features)."""
+
+
 def _zeros(name: str, n_bytes: int) -> Any:
     """Invert ``n_bytes`` (2-aligned) that are all zero in dataset ``name``: HDF5's fletcher32 sums 16-bit words
     modulo 65535, where 0x0000 and 0xFFFF are equal, so this is the damage it cannot see."""
@@ -442,7 +446,7 @@ def _zeros(name: str, n_bytes: int) -> Any:
             k = n_bytes // 2
             runs = np.flatnonzero(np.convolve(~words, np.ones(k, dtype=int), "valid") == k)  # first word of k zero words
             if len(runs) == 0:
-                raise RuntimeError(f"no {n_bytes} zero bytes in {name}")
+                raise NotApplicable(f"no {n_bytes} zero bytes in {name}")
             at = int(runs[rng.integers(0, len(runs))]) * 2
             row, col = divmod(at, row_bytes)
             info = ds.id.get_chunk_info_by_coord((row // chunk_rows * chunk_rows,) + (0,) * (ds.ndim - 1))
@@ -596,25 +600,52 @@ def cmd_damage(args: argparse.Namespace) -> None:
         _, _, kill_cache, _ = full_run(data, WORK / "kill" / "full")
     rng = np.random.default_rng(SEED)
     rows = []
+    skipped = []
     work = WORK / "damage"
     shutil.rmtree(work, ignore_errors=True)
-    for label, cache, fit in damage_caches(kill_cache):
+    work.mkdir(parents=True)
+    # The kill-campaign cache once more as the code before this issue's fix wrote it: without /features_crc32 and
+    # arrays_sha256 (fletcher32 and the attribute/table digests only), to count what that code would have missed.
+    old_format = work / "old-format" / kill_cache.name
+    old_format.parent.mkdir()
+    shutil.copy2(kill_cache, old_format)
+    strip_row_checksums(old_format)
+    targets = [(label, cache, fit, ("damage", "edit")) for label, cache, fit in damage_caches(kill_cache)]
+    targets.append(("kill-campaign cache without row checksums (the code before the fix)", old_format, False, ("old-format",)))
+    for label, cache, fit, groups in targets:
         probe = subprocess.run([sys.executable, "-c", LOAD_PROBE, str(cache)], capture_output=True, text=True, check=True)
         original = json.loads(probe.stdout)
-        for group, kinds in (("damage", DAMAGES), ("edit", EDITS)):
-            for kind, (what, fn, repeats) in kinds.items():
+        for group in groups:
+            for kind, (what, fn, repeats) in (EDITS if group == "edit" else DAMAGES).items():
                 for r in range(repeats):
-                    d = work / f"{len(rows):04d}"
+                    d = work / f"{len(rows) + len(skipped):04d}"
                     d.mkdir(parents=True)
                     copy = d / cache.name
                     shutil.copy2(cache, copy)
-                    fn(copy, rng)
+                    try:
+                        fn(copy, rng)
+                    except NotApplicable as exc:
+                        skipped.append({"group": group, "kind": kind, "cache": label, "why": str(exc)})
+                        shutil.rmtree(d)
+                        continue
                     row = {"group": group, "kind": kind, "what": what, "cache": label, "repeat": r}
                     row.update(check_damaged(copy, original, fit and r == 0))
                     rows.append(row)
-                    print(f"{label[:30]:30s} {kind:20s} {row['outcome']}")
+                    print(f"{label[:30]:30s} {group:10s} {kind:20s} {row['outcome']}")
                     shutil.rmtree(d)
-    save("damage", {"rows": rows, "date": now(), "machine": machine(), "seed": SEED})
+    save("damage", {"rows": rows, "not_applicable": skipped, "date": now(), "machine": machine(), "seed": SEED})
+
+
+def strip_row_checksums(path: Path) -> None:
+    """Make ``path`` look like a cache written before /features_crc32 and arrays_sha256 existed."""
+    import h5py
+
+    from featx.cache import _attrs_digest
+
+    with h5py.File(path, "r+") as f:
+        del f["features_crc32"]
+        del f.attrs["arrays_sha256"]
+        f.attrs["attrs_sha256"] = _attrs_digest(dict(f.attrs.items()))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -703,6 +734,11 @@ def cmd_report(args: argparse.Namespace) -> None:
             # the rerun's time after start-up, as a share of a full run's time after start-up
             p["work"] = (p["rerun_s"] - start[p["part"]]) / (full[p["part"]] - start[p["part"]])
         ident = sum(p["identical"] for p in every)
+        for p in every:  # rows the rerun computed, from its summary ("..., 11.3 s (28.3 img/s)": img/s = computed / s)
+            m = re.search(r", ([0-9.]+) s \(([0-9.]+) img/s\)", p["rerun_summary"])
+            p["computed"] = round(float(m.group(1)) * float(m.group(2))) if m else 0
+        # computed == rows left, to the summary's rounding (0.1 s, 0.1 img/s)
+        consistent = sum(abs(p["computed"] - (n - p["resumed_at"])) <= max(2, 0.01 * n) for p in every)
         mean_frac = float(np.mean([p["fraction"] for p in pts]))
         mean_left = float(np.mean([p["left"] for p in pts]))
         mid = [p for p in pts if p["landed"] == "during extraction"]
@@ -729,6 +765,7 @@ def cmd_report(args: argparse.Namespace) -> None:
             "full_run_s": [min(all_full), max(all_full)],
             "landed": landed,
             "leftover_files": sum(bool(p["leftovers"]) for p in every),
+            "reruns_computing_exactly_the_rows_left": consistent,
             "uninterrupted_runs_identical_across_parts": len(refs) == 1,
         }
         all_start = [s for v in kill["parts"].values() for s in v["startup_s"]]
@@ -739,7 +776,7 @@ def cmd_report(args: argparse.Namespace) -> None:
             f"{kill['dataset']['n_failed']} failures, journal chunks of {kill['chunk_rows']} rows ({kill['n_chunks']} chunks). "
             f"Command: `{kill['command']}` (all defaults: 224 px, batch 16, EfficientNet-Lite0). An uninterrupted run took "
             f"{min(all_full):.1f}-{max(all_full):.1f} s, of which {min(all_start):.1f}-{max(all_start):.1f} s before its "
-            "journal existed (Python and library imports, about 7 s of it importing torch and timm, and the model build). "
+            "journal existed (Python and library imports, most of it torch and timm, see bench_extract.md, and the model build). "
             "Each part timed two uninterrupted runs (cold cache folder) and divides its reruns by their mean. Kill point "
             "*i* is SIGKILL at start-up + u_i x (the rest of a full run), u stratified uniform (one in each "
             f"1/{len(every)}, seed {kill['seed']}, seeded order); then the same command runs again. Timing means use only "
@@ -759,13 +796,14 @@ def cmd_report(args: argparse.Namespace) -> None:
             "a rerun does the remaining work and the fixed start-up, nothing else. The start-up is "
             f"{share:.0%} of a full run here, and a kill during it leaves nothing to resume; for kills spread uniformly "
             f"over the whole run the mean rerun fraction would be {share:.2f} + {1 - share:.2f} x {mean_frac:.2f} = "
-            f"{uniform:.2f} (derived, not measured). The old code measured 0.9. Reruns left no stray files in "
+            f"{uniform:.2f} (derived, not measured). The old code measured 0.9. In {consistent} of {len(every)} reruns "
+            "the rows computed (img/s x s in the summary) equal the rows left. Reruns left no stray files in "
             f"{len(every) - summary['kill']['leftover_files']} of {len(every)} cases. The {len(all_full)} timed uninterrupted "
             "runs were "
             + ("all bit-identical." if len(refs) == 1 else "**not** all identical across parts (code changed between them?)."),
             "",
             _table(
-                [["i", "u", "kill at s", "landed", "chunks", "rerun summary", "rerun s", "fraction", "others", "identical"]]
+                [["i", "u", "kill at s", "landed", "chunks", "rerun summary", "computed", "rerun s", "/ full", "others", "same"]]
                 + [
                     [
                         k,
@@ -774,6 +812,7 @@ def cmd_report(args: argparse.Namespace) -> None:
                         p["landed"],
                         p["chunks_on_disk"],
                         p["rerun_summary"].split(" -> ")[0].replace("|", "/"),
+                        p["computed"],
                         f"{p['rerun_s']:.1f}",
                         f"{p['rerun_s'] / full[p['part']]:.2f}",
                         f"{p['other_load']:.0%}" if "other_load" in p else "?",
@@ -788,45 +827,67 @@ def cmd_report(args: argparse.Namespace) -> None:
         rows = damage["rows"]
         dmg = [r for r in rows if r["group"] == "damage"]
         edits = [r for r in rows if r["group"] == "edit"]
-        outcome = {o: sum(r["outcome"] == o for r in dmg) for o in ("detected", "harmless", "silent", "crash")}
-        other = len(dmg) - sum(outcome.values())
-        n_caches = len({r["cache"] for r in rows})
+        old = [r for r in rows if r["group"] == "old-format"]
+        kinds = ("detected", "harmless", "silent", "crash")
+
+        def count(rs: list[dict[str, Any]]) -> dict[str, int]:
+            c = {o: sum(r["outcome"] == o for r in rs) for o in kinds}
+            return {**c, "other": len(rs) - sum(c.values())}
+
+        outcome, before = count(dmg), count(old)
+        n_caches = len({r["cache"] for r in dmg})
         summary["damage"] = {
             "tried": len(dmg),
             **outcome,
-            "other": other,
             "caches": n_caches,
             "kinds": len({r["kind"] for r in dmg}),
+            "not_applicable": len(damage.get("not_applicable", [])),
             "edits_tried": len(edits),
             "edits_detected": sum(r["outcome"] == "detected" for r in edits),
+            "without_row_checksums": {"tried": len(old), **before},
         }
+
+        def by_kind(kind: str, rs: list[dict[str, Any]], o: str) -> int:
+            return sum(r["kind"] == kind and r["outcome"] == o for r in rs)
+
         md += [
             "## Damaged caches",
             "",
-            f"{len({r['kind'] for r in dmg})} kinds of damage x {n_caches} complete caches (seeded, seed {damage['seed']}; "
-            "some kinds repeated at other random places). Each copy: `featx cache verify FILE`, `load_cache` in a fresh "
-            "process, and for the default-options cache `featx fit-head --train FILE`. Detected = every command exits 2 "
-            "with one line naming the file and `featx cache rm KEY`; harmless = the bytes hit were unused, everything "
-            "reads back equal to the original; silent = different numbers read back without an error.",
+            f"{len({r['kind'] for r in dmg})} kinds of damage x {n_caches} complete caches (the kill campaign's, and a "
+            "generated dataset's train/val/test caches at 64 px plus one of layer blocks.3), seeded (seed "
+            f"{damage['seed']}), some kinds repeated at other random places; {summary['damage']['not_applicable']} "
+            "combinations had nothing to hit (no zeros in that cache) and are not counted. Each copy: `featx cache verify "
+            "FILE`, `load_cache` in a fresh process, and for the kill-campaign cache `featx fit-head --train FILE`. "
+            "Detected = every command exits 2 with one line naming the file and `featx cache rm KEY`; harmless = the bytes "
+            "hit were unused (e.g. the padding of the last HDF5 chunk) and everything reads back equal to the original; "
+            "silent = other numbers read back without an error.",
             "",
             _table(
                 [
-                    ["damaged caches tried", "detected", "harmless (unused bytes)", "silent (wrong numbers)", "crashes", "other"],
-                    [len(dmg), outcome["detected"], outcome["harmless"], outcome["silent"], outcome["crash"], other],
+                    ["caches", "damaged copies tried", "detected", "harmless (unused bytes)", "silent", "crashes", "other"],
+                    ["as written now", len(dmg), *(outcome[k] for k in (*kinds, "other"))],
+                    ["the kill cache without row checksums (before the fix)", len(old), *(before[k] for k in (*kinds, "other"))],
                 ]
             ),
             "",
+            "HDF5's fletcher32 adds 16-bit words modulo 65535, where 0x0000 and 0xFFFF are the same number: inverted "
+            "zero bytes pass it and read back as NaN (features) or as a huge label. Zeros are common in these files (ReLU "
+            "features, the rows of undecodable images, the high bytes of small labels). The fix (featx/cache.py) stores "
+            "each feature row's crc32 in `/features_crc32`, checked on every read, and `arrays_sha256` over labels, "
+            "indices, valid and those crcs; the second row above is the same damage on a copy stripped of both, i.e. "
+            "what the code before the fix saw.",
+            "",
             _table(
-                [["kind", "what", "tried", "detected", "harmless", "silent", "crash", "example message"]]
+                [["kind", "what", "tried", "detected", "harmless", "silent", "before the fix: silent", "example message"]]
                 + [
                     [
                         kind,
                         what,
                         sum(r["kind"] == kind for r in dmg),
-                        sum(r["kind"] == kind and r["outcome"] == "detected" for r in dmg),
-                        sum(r["kind"] == kind and r["outcome"] == "harmless" for r in dmg),
-                        sum(r["kind"] == kind and r["outcome"] == "silent" for r in dmg),
-                        sum(r["kind"] == kind and r["outcome"] == "crash" for r in dmg),
+                        by_kind(kind, dmg, "detected"),
+                        by_kind(kind, dmg, "harmless"),
+                        by_kind(kind, dmg, "silent"),
+                        f"{by_kind(kind, old, 'silent')} of {sum(r['kind'] == kind for r in old)}",
                         next((r.get("message", "") for r in dmg if r["kind"] == kind and r.get("message")), "").replace("|", "/")[
                             :110
                         ],
@@ -835,9 +896,9 @@ def cmd_report(args: argparse.Namespace) -> None:
                 ]
             ),
             "",
-            f"Deliberate edits through HDF5 (not damage: HDF5 recomputes fletcher32 on write): {len(edits)} tried, "
-            f"{summary['damage']['edits_detected']} detected. The digests cover attributes and string tables; the numeric "
-            "datasets are guarded against corruption (fletcher32), not against someone rewriting them with h5py.",
+            f"Deliberate edits with h5py (HDF5 recomputes fletcher32 on write; {', '.join(EDITS)}): {len(edits)} tried, "
+            f"{summary['damage']['edits_detected']} detected, by the row crc32 and `arrays_sha256` (someone who also "
+            "rewrites those is not stopped: these are checksums against damage, not signatures).",
             "",
         ]
     if bad:
