@@ -888,9 +888,11 @@ def cmd_report(args: argparse.Namespace) -> None:
                         by_kind(kind, dmg, "harmless"),
                         by_kind(kind, dmg, "silent"),
                         f"{by_kind(kind, old, 'silent')} of {sum(r['kind'] == kind for r in old)}",
-                        next((r.get("message", "") for r in dmg if r["kind"] == kind and r.get("message")), "").replace("|", "/")[
-                            :110
-                        ],
+                        re.sub(
+                            r"\S*/damage/\d{4}/",
+                            "",
+                            next((r.get("message", "") for r in dmg if r["kind"] == kind and r.get("message")), ""),
+                        ).replace("|", "/")[:170],
                     ]
                     for kind, (what, _, _) in DAMAGES.items()
                 ]
