@@ -9,7 +9,9 @@ only ratios from the same round count; medians over the rounds):
   format. Measured per round on ``--bound-images`` images, each setting for at least ``--bound-seconds``.
 - (b) **featx extract** as a whole process: ``python -m featx -q extract DATA --cache-dir <fresh tmp>``, wall
   time including interpreter start, imports, model build, every split, the journal and the final HDF5 files.
-  ``--b-variant NAME='ARGS'`` adds more (b) runs with extra CLI arguments (e.g. ``--optimize none``).
+  ``--b-variant NAME='ARGS'`` adds more (b) runs with extra CLI arguments (e.g. ``--optimize none``; an argument
+  ``FEATX_X=V`` sets that environment variable instead; a first argument ``<os._exit>`` runs the same CLI entry
+  point but ends the process with ``os._exit`` after flushing, to measure what interpreter teardown costs).
 - (c) **naive loop**: PIL open + the torchvision eval transform + forward, one image at a time (batch 1,
   NCHW), one process, the model built beforehand (its build is not timed: that favours the loop).
 
@@ -108,6 +110,22 @@ def subsample(root: Path, n: int, work: Path) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(p, target)
     return dest
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds the whole machine has been busy, CPU seconds of this process and its waited-for children).
+    Their difference over a round is what other processes used meanwhile: a contaminated round shows there."""
+    import resource
+
+    busy = float("nan")
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        f = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        busy = (f[0] + f[1] + f[2] + f[5] + f[6] + f[7]) / os.sysconf("SC_CLK_TCK")  # user nice system irq softirq steal
+    own = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        r = resource.getrusage(who)
+        own += r.ru_utime + r.ru_stime
+    return busy, own
 
 
 def _sync(device: Any) -> None:
@@ -224,15 +242,25 @@ class Bound:
 # (b) featx extract, a whole process
 
 
+FAST_EXIT = "<os._exit>"
+FAST_EXIT_CODE = "import os, sys; from featx.cli import main; rc = main(sys.argv[1:]); sys.stdout.flush(); sys.stderr.flush(); os._exit(rc or 0)"
+
+
 def featx_extract(data: Path, device: str, precision: str, extra: list[str]) -> dict[str, Any]:
     import h5py
 
     with tempfile.TemporaryDirectory(prefix="featx-bench-extract-") as tmp:
-        cmd = [sys.executable, "-m", "featx", "-q", "extract", str(data), "--cache-dir", tmp, "--device", device]
+        head = [sys.executable, "-m", "featx"]
+        if extra[:1] == [FAST_EXIT]:  # the same CLI entry point, ended with os._exit (a proposal, measured)
+            head, extra = [sys.executable, "-c", FAST_EXIT_CODE], extra[1:]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FEATX_")}
+        for e in [x for x in extra if x.startswith("FEATX_") and "=" in x]:  # NAME=VALUE: environment for this variant
+            env[e.split("=", 1)[0]] = e.split("=", 1)[1]
+            extra = [x for x in extra if x != e]
+        cmd = [*head, "-q", "extract", str(data), "--cache-dir", tmp, "--device", device]
         if precision != "fp32":
             cmd += ["--precision", precision]
         cmd += extra
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FEATX_")}
         t0 = time.perf_counter()
         p = subprocess.run(cmd, capture_output=True, text=True, env=env)
         wall = time.perf_counter() - t0
@@ -310,6 +338,7 @@ def part_rounds(args: argparse.Namespace, data: Path, images: list[Path]) -> dic
     for r in range(args.rounds):
         order = steps[r % len(steps) :] + steps[: r % len(steps)]  # rotate so that no measurement always goes first
         rec: dict[str, Any] = {"round": r, "order": order, "b": {}}
+        busy0, own0, t_round = *cpu_seconds(), time.perf_counter()
         for step in order:
             if step == "a":
                 per, fx = bound.run(args.bound_seconds)
@@ -321,6 +350,9 @@ def part_rounds(args: argparse.Namespace, data: Path, images: list[Path]) -> dic
                 name = step[2:]
                 rec["b"][name] = featx_extract(data, args.device, args.precision, dict(variants)[name])
             print(f"round {r} {step}: done", flush=True)
+        busy1, own1 = cpu_seconds()
+        rec["wall_s"] = time.perf_counter() - t_round
+        rec["others_cpu_s"] = (busy1 - busy0) - (own1 - own0)
         a, c = rec["a"]["images_per_s"], rec["c"]["images_per_s"]
         rec["ratios"] = {
             name: {"b_over_a": b["images_per_s"] / a, "b_over_c": b["images_per_s"] / c} for name, b in rec["b"].items()
@@ -334,6 +366,7 @@ def part_rounds(args: argparse.Namespace, data: Path, images: list[Path]) -> dic
                     "c": round(c, 1),
                     **{k: round(v["images_per_s"], 1) for k, v in rec["b"].items()},
                     "ratios": rec["ratios"],
+                    "others_cpu_s": round(rec["others_cpu_s"], 1),
                 }
             ),
             flush=True,
@@ -622,8 +655,8 @@ def write_report(res: dict[str, Any], out: Path) -> None:
             + " | ".join(f"(b) {n} img/s (wall s)" for n in s["variants"])
             + " | (c) naive img/s | "
             + " | ".join(f"{n}: b/a, b/c" for n in s["variants"])
-            + " |",
-            "|---|---|---|---|" + "---|" * len(s["variants"]) + "---|" + "---|" * len(s["variants"]),
+            + " | other processes' CPU s / round s |",
+            "|---|---|---|---|" + "---|" * len(s["variants"]) + "---|" + "---|" * len(s["variants"]) + "---|",
         ]
         for rd in r["rounds"]:
             lines.append(
@@ -633,7 +666,7 @@ def write_report(res: dict[str, Any], out: Path) -> None:
                 + " | ".join(f"{rd['b'][n]['images_per_s']:.1f} ({rd['b'][n]['wall_s']:.1f})" for n in s["variants"])
                 + f" | {rd['c']['images_per_s']:.1f} | "
                 + " | ".join(f"{rd['ratios'][n]['b_over_a']:.2f}, {rd['ratios'][n]['b_over_c']:.2f}" for n in s["variants"])
-                + " |"
+                + f" | {rd.get('others_cpu_s', float('nan')):.1f} / {rd.get('wall_s', float('nan')):.0f} |"
             )
         lines.append(
             f"| **median** | | **{med['a_images_per_s']:.1f}** | "
@@ -645,7 +678,7 @@ def write_report(res: dict[str, Any], out: Path) -> None:
             + " | ".join(f"**{med['b'][n]['images_per_s']:.1f}** ({med['b'][n]['wall_s']:.1f})" for n in s["variants"])
             + f" | **{med['c_images_per_s']:.1f}** | "
             + " | ".join(f"**{med['b'][n]['b_over_a']:.2f}, {med['b'][n]['b_over_c']:.2f}**" for n in s["variants"])
-            + " |"
+            + " | |"
         )
         lines += [
             "",

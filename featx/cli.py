@@ -150,8 +150,9 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--decode",
         default=None,
-        choices=["auto", "threads", "processes", "gpu"],
-        help="where images decode (auto: threads on CPU, worker processes with --num-workers or on CUDA; gpu: nvJPEG)",
+        choices=["auto", "streams", "threads", "processes", "gpu"],
+        help="where images decode (auto: one decode + forward stream per core on CPU, worker processes with "
+        "--num-workers, threads on CUDA; gpu: nvJPEG)",
     )
     g.add_argument(
         "--jpeg-draft",
@@ -282,11 +283,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default="full", help="full | partial | head | lp-ft (default: full)")
     p.add_argument("--trainable-blocks", type=positive_int, default=2, help="partial: train the last N blocks (default: 2)")
     p.add_argument("--epochs", type=positive_int, default=10)
-    p.add_argument("--optimizer", default="sgd", choices=["sgd", "adamw"], help="sgd (momentum) | adamw (default: sgd)")
-    p.add_argument("--lr", type=positive_float, default=0.01, help="head learning rate (default: 0.01)")
+    p.add_argument("--optimizer", default="adamw", choices=["adamw", "sgd"], help="adamw | sgd (momentum) (default: adamw)")
+    p.add_argument("--lr", type=positive_float, default=None, help="head learning rate (default: 3e-3 for adamw, 0.01 for sgd)")
     p.add_argument("--backbone-lr-scale", type=nonneg_float, default=0.1, help="backbone LR = lr * this (default: 0.1)")
     p.add_argument("--momentum", type=unit_float, default=0.9)
-    p.add_argument("--weight-decay", type=nonneg_float, default=1e-4)
+    p.add_argument(
+        "--weight-decay", type=nonneg_float, default=None, help="default: 0.05 for adamw (decoupled), 1e-4 for sgd (L2)"
+    )
     p.add_argument("--dropout", type=unit_float, default=0.2)
     p.add_argument("--label-smoothing", type=unit_float, default=0.0)
     p.add_argument("--warmup-epochs", type=nonneg_float, default=1.0)
@@ -664,7 +667,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if search:
         grid = None
         if args.lr_grid is not None or args.wd_grid is not None:
-            grid = {"lr": args.lr_grid or [args.lr], "weight_decay": args.wd_grid or [args.weight_decay]}
+            grid = {"lr": args.lr_grid or [config.lr], "weight_decay": args.wd_grid or [config.weight_decay]}
         result = finetune_search(ds, grid=grid, **common)
         rows = [["lr", "weight decay", "val acc", "best epoch", "epochs run", "s"]]
         for r in result["grid"]:

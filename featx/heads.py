@@ -9,7 +9,8 @@ Each head kind owns its sweep strategy (:class:`HeadKind`): the features are sta
 once, and every fit of the sweep and the final refit shares that transform, which the exported pipeline
 carries. Logistic regression walks the C path from strong to weak regularisation with warm starts and a loose
 tolerance, stopping once validation accuracy has clearly peaked, then refits at full tolerance. The linear
-SVM solves its primal (samples outnumber features) along the same warm path. The RBF SVM computes one
+SVM solves its primal (L-BFGS on the squared hinge, every class at once) along the same warm path. Sequential
+fits run with one BLAS thread, which is faster on these matrix sizes. The RBF SVM computes one
 squared-distance matrix for the whole grid and fits libsvm on precomputed kernels. k-NN searches neighbours
 once for the largest k and votes for every k. Exported estimators are always the plain scikit-learn classes
 of the declared steps, so saved heads load under the allowlist below.
@@ -71,6 +72,10 @@ class SweepLevers:
     primal: bool = True  # linear-svm: featx's warm-started primal solver when samples outnumber features
     gram: bool = True  # rbf-svm: one squared-distance matrix and precomputed kernels for the whole grid
     one_search: bool = True  # knn: one neighbour search for the largest k
+    # Sequential fits with one BLAS/OpenMP thread: on small matrices (thousands of rows x 1280) extra BLAS
+    # threads cost more than they bring (1.4-3x slower on a 2-core machine, benchmarks/results/bench_heads.md);
+    # parallel sweeps (joblib) use one thread per worker either way.
+    one_thread: bool = True
 
 
 @dataclass
@@ -109,6 +114,7 @@ class HeadKind:
     sweep: Callable[[np.ndarray, np.ndarray, Folds, list[dict[str, Any]], _Ctx], list[dict[str, Any]]] | None = None
     refit: Callable[[np.ndarray, np.ndarray, dict[str, Any], _Ctx], Any] | None = None
     tie_break: str = "first"  # "first": strongest regularisation among ties; "default": closest to the default
+    one_thread: bool = True  # sweep and refit with one BLAS thread (lever one_thread); False: one big GEMM gains from more
 
 
 def _logreg_steps() -> tuple[tuple[str, type], ...]:
@@ -209,6 +215,16 @@ def _quiet() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         yield
+
+
+def _threads(ctx: _Ctx, hk: HeadKind) -> contextlib.AbstractContextManager[Any]:
+    """One BLAS/OpenMP thread for the sweep and refit (lever ``one_thread``, for the kinds that gain from it),
+    restored afterwards."""
+    if not (ctx.levers.one_thread and hk.one_thread):
+        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1)
 
 
 def _accuracy(pred: np.ndarray, y: np.ndarray) -> float:
@@ -334,7 +350,9 @@ def _linear_svc_from(W: np.ndarray, classes: np.ndarray, C: float, n_iter: int, 
 
 
 def _use_primal(n: int, d: int, ctx: _Ctx) -> bool:
-    return ctx.levers.primal and n > d
+    """featx's warm-started primal solver, whatever the shape: with few samples liblinear's dual coordinate
+    descent (what LinearSVC picks there) is slower still at the larger C values (flowers17: 13x)."""
+    return ctx.levers.primal
 
 
 def _sweep_linear_svm(X: np.ndarray, y: np.ndarray, folds: Folds, grid: list[dict[str, Any]], ctx: _Ctx) -> list[dict[str, Any]]:
@@ -596,6 +614,7 @@ HEAD_KINDS: dict[str, HeadKind] = {
             "L2-normalise + k-NN (cosine), distance-weighted",
             _sweep_knn,
             _refit_knn,
+            one_thread=False,  # the neighbour search is one large matrix product: 1.3-1.6x faster on both cores
         ),
     )
 }
@@ -843,6 +862,23 @@ def fit_head_arrays(
     if len(np.unique(y)) < 2:
         raise UsageError("a head needs at least two classes in the training rows")
     ctx = _Ctx(levers or SweepLevers(), max(1, n_jobs or os.cpu_count() or 1), solver, device, seed)
+    with _threads(ctx, hk):
+        return _fit_head_arrays(hk, kind, X, y, X_val, y_val, cv_folds, final_fit, grid, seed, ctx)
+
+
+def _fit_head_arrays(
+    hk: HeadKind,
+    kind: str,
+    X: np.ndarray,
+    y: np.ndarray,
+    X_val: np.ndarray | None,
+    y_val: np.ndarray | None,
+    cv_folds: int | None,
+    final_fit: str,
+    grid: list[dict[str, Any]] | None,
+    seed: int,
+    ctx: _Ctx,
+) -> HeadFit:
     steps = hk.steps()
     prep = fit_transform_step(steps[0][1], X)  # one transform, fitted once, shared by every fit and exported
     Xt = prep.transform(X)
@@ -966,11 +1002,12 @@ def sweep(
     curve is in grid order and may stop early along a regularisation path."""
     hk = head_kind(kind)
     ctx = _Ctx(levers or SweepLevers(), max(1, n_jobs or os.cpu_count() or 1), solver)
-    prep = fit_transform_step(hk.steps()[0][1], Xtr)
-    X = np.concatenate([prep.transform(Xtr), prep.transform(Xva)])
-    y = np.concatenate([ytr, yva])
-    grid = grid or hk.grid(Xtr.shape[1], len(ytr), float(X[: len(ytr)].var()) if kind == "rbf-svm" else 1.0)
-    return hk.sweep(X, y, [(np.arange(len(ytr)), np.arange(len(ytr), len(y)))], grid, ctx)
+    with _threads(ctx, hk):
+        prep = fit_transform_step(hk.steps()[0][1], Xtr)
+        X = np.concatenate([prep.transform(Xtr), prep.transform(Xva)])
+        y = np.concatenate([ytr, yva])
+        grid = grid or hk.grid(Xtr.shape[1], len(ytr), float(X[: len(ytr)].var()) if kind == "rbf-svm" else 1.0)
+        return hk.sweep(X, y, [(np.arange(len(ytr)), np.arange(len(ytr), len(y)))], grid, ctx)
 
 
 @dataclass
@@ -1139,7 +1176,9 @@ def fit_head(
 # streamed fit: caches larger than memory
 
 
-STREAM_CHUNK_BYTES = 32 * 2**20  # float32 features per chunk read and processed at once
+# float32 features per chunk read and processed at once. Each chunk briefly exists ~4 times (read, selected,
+# standardised, float64 for the solver): at 32 MiB a streamed fit needed ~800 MB and a 768 MB limit killed it.
+STREAM_CHUNK_BYTES = 8 * 2**20
 
 
 def _open_reader(ref: Any) -> Any:
@@ -1208,6 +1247,7 @@ def fit_head_streamed(
         if not ys:
             raise UsageError("the training split has no decodable rows")
         shrink_scaler(scaler)
+        mean32, scale32 = scaler.mean_.astype(np.float32), scaler.scale_.astype(np.float32)
         y_tr = np.concatenate(ys)
         classes = np.unique(y_tr)
         if len(classes) < 2:
@@ -1220,7 +1260,10 @@ def fit_head_streamed(
                 for name in names:
                     for Xc, yc in raw_chunks(name):
                         keep = np.isin(yc, classes)
-                        yield scaler.transform(Xc[keep]).astype(np.float32), np.searchsorted(classes, yc[keep])
+                        Xk = Xc if keep.all() else Xc[keep]
+                        Xk -= mean32  # the scaler's transform, in place and in float32 (Xc is this chunk's own copy)
+                        Xk /= scale32
+                        yield Xk, np.searchsorted(classes, yc[keep])
 
             return gen
 

@@ -42,7 +42,15 @@ BACKBONE = "timm:resnet10t"
 WEIGHTS = "none"
 SIZE = 32
 COLOURS = [(210, 40, 40), (40, 190, 60), (40, 60, 210)]
-FAST = {"batch_size": 8, "num_workers": 0, "device": "cpu", "lr": 0.05, "warmup_epochs": 0.5, "early_stopping_patience": 0}
+FAST = {
+    "optimizer": "sgd",
+    "batch_size": 8,
+    "num_workers": 0,
+    "device": "cpu",
+    "lr": 0.05,
+    "warmup_epochs": 0.5,
+    "early_stopping_patience": 0,
+}
 
 
 def _make_dataset(root: Path, counts: dict[str, int], n_classes: int = 3, seed: int = 0) -> Path:
@@ -285,6 +293,25 @@ def test_fp32_step_equals_manual_sgd_and_bf16_step_runs() -> None:
         torch.testing.assert_close(p, q, atol=3e-2, rtol=0)  # ... and stayed close to fp32
 
 
+def test_default_recipe_is_adamw_and_sgd_keeps_its_own(colours: Path, tmp_path: Path) -> None:
+    """AdamW 3e-3 / wd 0.05 by default (SGD 0.01 collapsed on digits); --optimizer sgd gets SGD's numbers; explicit wins."""
+    from featx.cli import main
+
+    assert (FinetuneConfig().optimizer, FinetuneConfig().lr, FinetuneConfig().weight_decay) == ("adamw", 3e-3, 0.05)
+    assert (FinetuneConfig(optimizer="sgd").lr, FinetuneConfig(optimizer="sgd").weight_decay) == (0.01, 1e-4)
+    assert FinetuneConfig(optimizer="sgd", lr=0.2, weight_decay=0.0).to_dict()["lr"] == 0.2
+    assert replace(FinetuneConfig(), lr=1e-4).weight_decay == 0.05
+    out = tmp_path / "ft"
+    argv = ["-q", "finetune", str(colours), "--strategy", "head", "--epochs", "1", "--image-size", str(SIZE)]
+    argv += ["--num-workers", "0", "--device", "cpu", "--final-fit", "train", "--out-dir", str(out)]
+    assert main(argv) == 0
+    cfg = json.loads((out / "result.json").read_text())["config"]
+    assert (cfg["optimizer"], cfg["lr"], cfg["weight_decay"]) == ("adamw", 3e-3, 0.05)
+    assert main([*argv, "--optimizer", "sgd", "--out-dir", str(tmp_path / "sgd")]) == 0
+    cfg = json.loads((tmp_path / "sgd" / "result.json").read_text())["config"]
+    assert (cfg["optimizer"], cfg["lr"], cfg["weight_decay"]) == ("sgd", 0.01, 1e-4)
+
+
 def test_config_validation_message() -> None:
     with pytest.raises(UsageError, match=r"^The 'lr' parameter of FinetuneConfig must be > 0\. Got -1 instead\.$"):
         FinetuneConfig(lr=-1).validate()
@@ -478,7 +505,7 @@ def test_rule_selection_uses_no_val_rows(colours: Path, tmp_path: Path) -> None:
 
 
 def test_hyper_rule_schedule_by_dataset_size() -> None:
-    small, info = hyper_rule(40, FinetuneConfig(batch_size=32))
+    small, info = hyper_rule(40, FinetuneConfig(batch_size=32, optimizer="sgd"))
     assert info["target_steps"] == 100 and small.epochs == 50 and small.early_stopping_patience == 0  # 2 steps per epoch
     assert small.weight_decay == 0.0 and small.lr == 0.01
     big, info = hyper_rule(30_000, FinetuneConfig(batch_size=32, optimizer="adamw"))

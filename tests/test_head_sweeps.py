@@ -30,7 +30,9 @@ from featx.heads import (
     save_head,
 )
 
-OFF = SweepLevers(warm_path=False, sweep_tol=False, early_stop=False, primal=False, gram=False, one_search=False)
+OFF = SweepLevers(
+    warm_path=False, sweep_tol=False, early_stop=False, primal=False, gram=False, one_search=False, one_thread=False
+)
 
 
 def pooled_like(
@@ -97,7 +99,17 @@ def test_torch_logreg_agrees_with_sklearn_at_the_same_c(problem: dict[str, np.nd
     np.testing.assert_allclose(b2[-1].coef_, a2[-1].coef_, atol=2e-3, rtol=1e-2)
 
 
-def test_linear_svm_primal_path_matches_liblinear(problem: dict[str, np.ndarray]) -> None:
+@pytest.fixture(scope="module")
+def wide() -> dict[str, np.ndarray]:
+    """Fewer samples than features (flowers17's shape: 816 x 1280), where LinearSVC itself would pick the dual."""
+    X, y = pooled_like(90, d=160, k=3, seed=0)
+    Xv, yv = pooled_like(60, d=160, k=3, seed=1)
+    return {"X": X, "y": y, "Xv": Xv, "yv": yv}
+
+
+@pytest.mark.parametrize("shape", ["tall", "wide"])
+def test_linear_svm_primal_path_matches_liblinear(shape: str, request: pytest.FixtureRequest) -> None:
+    problem = request.getfixturevalue("problem" if shape == "tall" else "wide")
     fast = fit_head_arrays("linear-svm", problem["X"], problem["y"], X_val=problem["Xv"], y_val=problem["yv"], n_jobs=1)
     plain = fit_head_arrays(
         "linear-svm", problem["X"], problem["y"], X_val=problem["Xv"], y_val=problem["yv"], n_jobs=1, levers=OFF
@@ -108,7 +120,7 @@ def test_linear_svm_primal_path_matches_liblinear(problem: dict[str, np.ndarray]
         assert abs(point["val_accuracy"] - by_c[point["params"]["C"]]) <= 0.01
     # the exported LinearSVC holds the solution liblinear's primal solver finds for the same problem
     X_fit = np.concatenate(_scaled(problem))
-    ref = LinearSVC(C=fast.best_params["C"], dual=False, tol=1e-6, max_iter=10000).fit(
+    ref = LinearSVC(C=fast.best_params["C"], dual=shape == "wide", tol=1e-7, max_iter=200000).fit(
         X_fit, np.concatenate([problem["y"], problem["yv"]])
     )
     got = fast.estimator[-1]
@@ -281,3 +293,14 @@ def test_float16_cache_gives_the_float32_choices(sample_caches: dict[str, Path],
     s32 = fit_head(caches[np.float32, "train"], caches[np.float32, "val"], kind="logreg", stream=True)
     s16 = fit_head(caches[np.float16, "train"], caches[np.float16, "val"], kind="logreg", stream=True)
     assert s16.best_params == s32.best_params and (s16.predict(Xt) == s32.predict(Xt)).mean() >= 0.98
+
+
+def test_one_thread_lever_restores_the_thread_pools(problem: dict[str, np.ndarray]) -> None:
+    """Sweeps run with one BLAS thread and give the caller's thread pools back unchanged."""
+    from threadpoolctl import threadpool_info
+
+    before = [(p["internal_api"], p["num_threads"]) for p in threadpool_info()]
+    fast = fit_head_arrays("logreg", problem["X"], problem["y"], X_val=problem["Xv"], y_val=problem["yv"])
+    plain = fit_head_arrays("logreg", problem["X"], problem["y"], X_val=problem["Xv"], y_val=problem["yv"], levers=OFF)
+    assert [(p["internal_api"], p["num_threads"]) for p in threadpool_info()] == before
+    assert fast.best_params == plain.best_params
