@@ -69,7 +69,7 @@ class SweepLevers:
     warm_path: bool = True  # logreg / linear-svm: warm starts along the C path
     sweep_tol: bool = True  # loose tolerance (SWEEP_TOL) during the sweep, full tolerance for the refit
     early_stop: bool = True  # stop the path once val accuracy has clearly peaked (PATIENCE)
-    primal: bool = True  # linear-svm: featx's warm-started primal solver when samples outnumber features
+    primal: bool = True  # linear-svm: featx's warm-started primal solver (L-BFGS, all classes) instead of liblinear
     gram: bool = True  # rbf-svm: one squared-distance matrix and precomputed kernels for the whole grid
     one_search: bool = True  # knn: one neighbour search for the largest k
     # Sequential fits with one BLAS/OpenMP thread: on small matrices (thousands of rows x 1280) extra BLAS
@@ -349,15 +349,11 @@ def _linear_svc_from(W: np.ndarray, classes: np.ndarray, C: float, n_iter: int, 
     return m
 
 
-def _use_primal(n: int, d: int, ctx: _Ctx) -> bool:
-    """featx's warm-started primal solver, whatever the shape: with few samples liblinear's dual coordinate
-    descent (what LinearSVC picks there) is slower still at the larger C values (flowers17: 13x)."""
-    return ctx.levers.primal
-
-
 def _sweep_linear_svm(X: np.ndarray, y: np.ndarray, folds: Folds, grid: list[dict[str, Any]], ctx: _Ctx) -> list[dict[str, Any]]:
     d = X.shape[1]
-    if all(_use_primal(len(tr), d, ctx) for tr, _ in folds):
+    # featx's primal solver whatever the shape: where features outnumber samples liblinear's dual coordinate
+    # descent (what LinearSVC picks there) is slower still at the larger C values (flowers17: 13x).
+    if ctx.levers.primal:
         X64 = X.astype(np.float64)
         parts = []
         for tr, va in folds:
@@ -383,8 +379,8 @@ def _sweep_linear_svm(X: np.ndarray, y: np.ndarray, folds: Folds, grid: list[dic
 
 def _refit_linear_svm(X: np.ndarray, y: np.ndarray, params: dict[str, Any], ctx: _Ctx) -> Any:
     C = float(params["C"])
-    n, d = X.shape
-    if _use_primal(n, d, ctx):
+    d = X.shape[1]
+    if ctx.levers.primal:
         classes = np.unique(y)
         warm = ctx.state.get("warm", {}).get(C) if ctx.levers.warm_path else None
         W, nit = _sqhinge_primal(X.astype(np.float64), _ovr_targets(y, classes), C, tol=1e-5, W0=warm)
