@@ -291,12 +291,17 @@ def cmd_kill(args: argparse.Namespace) -> None:
     fulls, startups, loads = [], [], []
     _, _, final, _ = full_run(data, work / "full")  # warm-up: page cache, .pyc files; its time is not used
     digest = cache_digest(final)
-    seconds, startup, final, other = full_run(data, work / "full")
-    fulls.append(seconds)
-    startups.append(startup)
-    loads.append(other)
-    if cache_digest(final) != digest:
-        sys.exit("two uninterrupted runs differ: extraction is not deterministic here")
+
+    def timed_full_run() -> None:
+        """One timed uninterrupted run, recorded; its cache must equal the warm-up's."""
+        seconds, startup, cache_file, other = full_run(data, work / "full")
+        fulls.append(seconds)
+        startups.append(startup)
+        loads.append(other)
+        if cache_digest(cache_file) != digest:
+            sys.exit("two uninterrupted runs differ: extraction is not deterministic here")
+
+    timed_full_run()
     import h5py
 
     with h5py.File(final, "r") as f:
@@ -346,12 +351,7 @@ def cmd_kill(args: argparse.Namespace) -> None:
             f"others {other:.0%} same={identical}"
         )
         shutil.rmtree(cache, ignore_errors=True)
-    seconds, startup, final2, other = full_run(data, work / "full")
-    fulls.append(seconds)
-    startups.append(startup)
-    loads.append(other)
-    if cache_digest(final2) != digest:
-        sys.exit("two uninterrupted runs differ: extraction is not deterministic here")
+    timed_full_run()
     parts = dict(stored.get("parts", {}))
     parts[args.points] = {
         "full_runs_s": [round(s, 2) for s in fulls],
