@@ -23,6 +23,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -267,10 +268,10 @@ def part_synthetic(args: argparse.Namespace) -> dict[str, Any]:
 
 
 ABLATION = {
-    "logreg": ["warm_path", "sweep_tol", "early_stop", "one_thread"],
-    "linear-svm": ["primal", "warm_path", "sweep_tol", "early_stop", "one_thread"],
+    "logreg": ["warm_path", "sweep_tol", "early_stop", "one_thread", "speculative_refit", "validate_once"],
+    "linear-svm": ["primal", "warm_path", "sweep_tol", "early_stop", "one_thread", "speculative_refit", "validate_once"],
     "rbf-svm": ["gram", "one_thread"],
-    "knn": ["one_search"],
+    "knn": ["one_search", "fast_search"],
 }
 
 
@@ -353,15 +354,37 @@ def _big_cache(path: Path, n: int, template_attrs: dict[str, Any], seed: int) ->
 
 CHILD = r"""
 import json, sys, time, resource
-mode, train, val, grid = sys.argv[1], sys.argv[2], sys.argv[3], [{"C": float(c)} for c in sys.argv[4].split(",")]
+import numpy as np
+mode, train, val, grid, work = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
+grid = None if grid == "default" else [{"C": float(c)} for c in grid.split(",")]
 t0 = time.perf_counter()
 out = {"mode": mode}
 try:
     if mode == "stream":
         from featx.heads import fit_head
         h = fit_head(train, val, kind="logreg", stream=True, grid=grid)
-        out.update(best_params=h.best_params, val_accuracy=h.val_accuracy, n_fit=h.metadata["n_fit"], chunk_rows=h.metadata["chunk_rows"],
-                   sweep_seconds=h.metadata.get("sweep_seconds"), refit_seconds=h.metadata.get("refit_seconds"))
+        md = h.metadata
+        out.update({k: md.get(k) for k in ("n_fit", "n_test", "chunk_rows", "sweep_seconds", "refit_seconds", "sweep_rows",
+                                           "refit_passes", "refit_converged")})
+        out.update(best_params=h.best_params, val_accuracy=h.val_accuracy, test_accuracy=h.test_metrics["accuracy"])
+        np.savez(work + "/streamed-head.npz", coef=h.estimator[-1].coef_, intercept=h.estimator[-1].intercept_,
+                 mean=h.estimator[0].mean_, scale=h.estimator[0].scale_)
+    elif mode == "reference":  # in memory, no limit, at the C of the streamed fit: what it should equal
+        from featx.cache import load_cache
+        from featx.heads import fit_head
+        te = load_cache(train)
+        h = fit_head(te, load_cache(val), kind="logreg", grid=grid, n_jobs=1)
+        out.update(best_params=h.best_params, val_accuracy=h.val_accuracy, test_accuracy=h.test_metrics["accuracy"],
+                   n_fit=h.metadata["n_fit"], n_test=h.metadata["n_test"])
+        s = np.load(work + "/streamed-head.npz")
+        from featx.data import SplitPlan
+        rows = SplitPlan().carve(te.labels, has_val=True, has_test=False)["test"]
+        Xt = te.features[np.isin(te.indices, rows)]
+        pred_s = (((Xt - s["mean"]) / s["scale"]) @ s["coef"].T + s["intercept"]).argmax(axis=1)  # labels 0..9, all present
+        pred_m = h.predict(Xt)
+        out.update(agreement=float((pred_s == pred_m).mean()), n_compared=len(rows),
+                   coef_max_abs_diff=float(np.abs(s["coef"] - h.estimator[-1].coef_).max()),
+                   coef_max_abs=float(np.abs(h.estimator[-1].coef_).max()))
     else:
         from featx.cache import load_cache
         fs = load_cache(train)
@@ -371,27 +394,52 @@ except MemoryError as exc:
     out.update(ok=False, error="MemoryError")
 out["seconds"] = time.perf_counter() - t0
 out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print("RESULT " + json.dumps(out), flush=True)
+print("RESULT " + json.dumps(out, default=str), flush=True)
 """
 
 
-def _run_limited(mode: str, train: Path, val: Path, limit_mb: int, grid: str) -> dict[str, Any]:
-    CGROUP.mkdir(exist_ok=True)
-    (CGROUP / "memory.limit_in_bytes").write_text(str(limit_mb * 2**20))
-    (CGROUP / "memory.max_usage_in_bytes").write_text("0")
-    fail0 = int((CGROUP / "memory.failcnt").read_text())
-    code = f"echo $$ > {CGROUP}/cgroup.procs && exec {sys.executable} -c '{CHILD}' {mode} {train} {val} {grid}"
+def _sample(pid: int, peak: dict[str, float], stop: threading.Event) -> None:
+    """Peak anonymous memory (the process's own pages, not shared libraries or page cache) and bytes read."""
+    while not stop.wait(0.5):
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            io = Path(f"/proc/{pid}/io").read_text()
+        except OSError:
+            return
+        anon = int(status.split("RssAnon:")[1].split()[0]) / 1024
+        peak["anon_mb"] = max(peak.get("anon_mb", 0.0), anon)
+        peak["read_gib"] = int(io.split("rchar:")[1].split()[0]) / 2**30
+
+
+def _run_limited(mode: str, train: Path, val: Path, limit_mb: int | None, grid: str, work: Path) -> dict[str, Any]:
+    prefix = ""
+    if limit_mb:
+        CGROUP.mkdir(exist_ok=True)
+        (CGROUP / "memory.limit_in_bytes").write_text(str(limit_mb * 2**20))
+        (CGROUP / "memory.max_usage_in_bytes").write_text("0")
+        fail0 = int((CGROUP / "memory.failcnt").read_text())
+        prefix = f"echo $$ > {CGROUP}/cgroup.procs && "
+    code = f"{prefix}exec {sys.executable} -c '{CHILD}' {mode} {train} {val} {grid} {work}"
     t0 = time.perf_counter()
-    p = subprocess.run(["sh", "-c", code], capture_output=True, text=True)
-    res = {"returncode": p.returncode, "wall_s": time.perf_counter() - t0}
-    for line in p.stdout.splitlines():
+    p = subprocess.Popen(["sh", "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak: dict[str, float] = {}
+    stop = threading.Event()
+    sampler = threading.Thread(target=_sample, args=(p.pid, peak, stop), daemon=True)
+    sampler.start()
+    stdout, stderr = p.communicate()
+    stop.set()
+    sampler.join()
+    res = {"returncode": p.returncode, "wall_s": time.perf_counter() - t0, "limit_mb": limit_mb}
+    res.update(peak_anon_mb_sampled=peak.get("anon_mb"), read_gib=peak.get("read_gib"))
+    for line in stdout.splitlines():
         if line.startswith("RESULT "):
             res.update(json.loads(line[7:]))
     if p.returncode != 0:
         res["killed"] = p.returncode in (-9, 137)
-        res["stderr_tail"] = p.stderr.strip().splitlines()[-1:] if p.stderr.strip() else []
-    res["cgroup_max_usage_mb"] = int((CGROUP / "memory.max_usage_in_bytes").read_text()) / 2**20
-    res["cgroup_failcnt"] = int((CGROUP / "memory.failcnt").read_text()) - fail0
+        res["stderr_tail"] = stderr.strip().splitlines()[-1:] if stderr.strip() else []
+    if limit_mb:
+        res["cgroup_max_usage_mb"] = int((CGROUP / "memory.max_usage_in_bytes").read_text()) / 2**20
+        res["cgroup_failcnt"] = int((CGROUP / "memory.failcnt").read_text()) - fail0
     return res
 
 
@@ -419,10 +467,14 @@ def part_stream(args: argparse.Namespace) -> dict[str, Any]:
         "how": "cgroup v1 memory.limit_in_bytes on the child process (RSS + page cache it touches; no swap)",
     }
     res["grid"] = args.stream_grid
-    res["in_memory_load"] = _run_limited("load", train, val, args.limit_mb, args.stream_grid)
+    res["in_memory_load"] = _run_limited("load", train, val, args.limit_mb, args.stream_grid, work)
     print(json.dumps(res["in_memory_load"]), flush=True)
-    res["streamed_fit"] = _run_limited("stream", train, val, args.limit_mb, args.stream_grid)
+    res["streamed_fit"] = _run_limited("stream", train, val, args.limit_mb, args.stream_grid, work)
     print(json.dumps(res["streamed_fit"]), flush=True)
+    if res["streamed_fit"].get("ok"):
+        chosen = str(res["streamed_fit"]["best_params"]["C"])
+        res["reference"] = _run_limited("reference", train, val, None, chosen, work)
+        print(json.dumps(res["reference"]), flush=True)
     return {"stream": res}
 
 
@@ -499,41 +551,43 @@ def write_report(results: dict[str, Any], out: Path) -> None:
             "## Streamed fit on a cache larger than the memory limit",
             "",
             f"Cache: {s['cache_rows']} rows x 1280 float32 (synthetic pooled features, written with featx.cache.write_cache_file), "
-            f"{s['cache_mb']:.0f} MiB on disk; the child process runs under a cgroup v1 memory limit of {s['limit_mb']} MiB "
-            f"({s['cache_over_limit']:.1f}x smaller than the cache; the limit counts RSS and the page cache the process touches; no swap).",
+            f"{s['cache_mb']:.0f} MiB on disk, plus a {20000}-row val cache; the child process runs under a cgroup v1 memory limit of "
+            f"{s['limit_mb']} MiB ({s['cache_over_limit']:.1f}x smaller than the cache; the limit counts RSS and the page cache the "
+            "process touches; no swap). Peak anonymous memory: the process's own pages (RssAnon, sampled every 0.5 s), without "
+            "torch's shared libraries and the page cache, which RSS and the cgroup peak include.",
             "",
-            "| run | result | peak RSS (MiB) | cgroup peak (MiB) | seconds |",
-            "|---|---|---|---|---|",
+            "| run | result | peak anon MiB | peak RSS MiB | cgroup peak MiB | GiB read | seconds |",
+            "|---|---|---|---|---|---|---|",
         ]
         for key, label in (
             ("in_memory_load", "load_cache (whole matrix in memory)"),
-            ("streamed_fit", f"fit_head(stream=True), logreg, C grid {s.get('grid', '1e-3,1e-2')}"),
+            ("streamed_fit", f"fit_head(stream=True), logreg, grid {s.get('grid', 'default')}"),
+            ("reference", "in memory without a limit, at the streamed C (reference)"),
         ):
-            r = s[key]
-            what = (
-                "ok"
-                if r.get("ok")
-                else f"not killed: still fitting when stopped by hand after {r['seconds'] / 60:.0f} min, {r['read_gib']:.0f} GiB read "
-                f"(~{r['passes_approx']:.0f} passes over the training rows), peak anonymous memory {r['peak_anon_mb_sampled']:.0f} MiB"
-                if r.get("stopped")
-                else ("killed by the memory limit" if r.get("killed") or r.get("returncode") else r.get("error", "failed"))
-            )
-            extra = (
-                f", C={r['best_params']['C']}, val acc {r['val_accuracy']:.3f}, n_fit {r['n_fit']}"
-                if r.get("ok") and "best_params" in r
-                else ""
-            )
+            r = s.get(key)
+            if not r:
+                continue
+            if r.get("ok") and key == "streamed_fit":
+                what = (
+                    f"ok: C={r['best_params']['C']} chosen on a {r['sweep_rows']}-row subsample ({r['sweep_seconds']:.0f} s incl. "
+                    f"the scaler pass), refit on {r['n_fit']} rows in {r['refit_passes']} passes "
+                    f"({'converged' if r['refit_converged'] else 'NOT converged'}, {r['refit_seconds']:.0f} s), "
+                    f"test acc {r['test_accuracy']:.4f} on {r['n_test']} rows"
+                )
+            elif r.get("ok") and key == "reference":
+                what = (
+                    f"test acc {r['test_accuracy']:.4f}; streamed and in-memory predictions agree on {r['agreement']:.4%} of "
+                    f"{r['n_compared']} test rows; max |coef diff| {r['coef_max_abs_diff']:.1e} (max |coef| {r['coef_max_abs']:.2f})"
+                )
+            elif r.get("ok"):
+                what = "ok"
+            else:
+                what = "killed by the memory limit" if r.get("killed") or r.get("returncode") else r.get("error", "failed")
+            cg = r.get("cgroup_max_usage_mb")
             lines.append(
-                f"| {label} | {what}{extra} | {r.get('peak_rss_mb', float('nan')):.0f} | {r['cgroup_max_usage_mb']:.0f} | {r.get('seconds', r['wall_s']):.0f} |"
+                f"| {label} | {what} | {r.get('peak_anon_mb_sampled') or float('nan'):.0f} | {r.get('peak_rss_mb', float('nan')):.0f} | "
+                f"{'—' if cg is None else f'{cg:.0f}'} | {r.get('read_gib') or float('nan'):.1f} | {r.get('seconds', r['wall_s']):.0f} |"
             )
-        if s["streamed_fit"].get("note"):
-            lines += [
-                "",
-                "The streamed fit: " + s["streamed_fit"]["note"] + ". Its RSS includes ~350 MiB of shared library pages "
-                "(torch's .so files, charged to the cgroup that first loaded them); its own (anonymous) memory stayed "
-                "at 640-670 MiB for the whole run, the rest of the 768 MiB went to page cache that the kernel reclaimed. "
-                "With 32 MiB chunks (before this run) the same fit was killed by the limit after 21 s.",
-            ]
         lines.append("")
     out.joinpath("bench_heads.md").write_text("\n".join(lines))
 
@@ -572,7 +626,7 @@ def main() -> None:
     ap.add_argument("--template-cache", default=None, help="stream: a real cache whose attributes the big caches copy")
     ap.add_argument("--stream-rows", type=int, default=500_000)
     ap.add_argument("--limit-mb", type=int, default=768)
-    ap.add_argument("--stream-grid", default="1e-3", help="stream: comma-separated C values of the streamed sweep")
+    ap.add_argument("--stream-grid", default="default", help="stream: comma-separated C values of the streamed sweep, or default")
     args = ap.parse_args()
     args.kinds = [k for k in args.kinds.split(",") if k]
     out = Path(args.out)

@@ -261,6 +261,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="read the caches in row chunks instead of loading them (caches larger than memory; logreg, torch L-BFGS)",
     )
+    p.add_argument(
+        "--sweep-rows",
+        type=positive_int,
+        default=None,
+        help="--stream: training rows of the in-memory subsample the C sweep runs on (default: 64 MiB of features)",
+    )
+    p.add_argument(
+        "--max-passes",
+        type=positive_int,
+        default=None,
+        help="--stream: passes over the rows the final L-BFGS fit may take before it stops and warns (default: 200)",
+    )
     p.add_argument("--out-dir", default="heads", help="where heads (.skops) and metrics (.json) go (default: heads)")
     p.set_defaults(func=cmd_fit_head)
 
@@ -541,6 +553,8 @@ def cmd_fit_head(args: argparse.Namespace) -> int:
             n_jobs=args.n_jobs,
             solver=args.solver,
             stream=args.stream,
+            sweep_rows=args.sweep_rows,
+            **({"max_passes": args.max_passes} if args.max_passes else {}),
             device=device,
         )
         stem = f"{ds_name}-{attrs['backbone'].replace(':', '_')}-{attrs['layer']}-{kind}"

@@ -26,6 +26,7 @@ import importlib.metadata
 import json
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -72,6 +73,11 @@ class SweepLevers:
     primal: bool = True  # linear-svm: featx's warm-started primal solver (L-BFGS, all classes) instead of liblinear
     gram: bool = True  # rbf-svm: one squared-distance matrix and precomputed kernels for the whole grid
     one_search: bool = True  # knn: one neighbour search for the largest k
+    # logreg / linear-svm with n_jobs > 1: while the path goes on, a second thread refits at the best point so far
+    # (used only if it is the final choice; the refit is the same computation either way)
+    speculative_refit: bool = True
+    validate_once: bool = True  # check X for NaN/inf once, not in each of the sweep's fits and predictions
+    fast_search: bool = True  # knn: float32 GEMM candidates re-ranked by exact distances, not scikit-learn's search
     # Sequential fits with one BLAS/OpenMP thread: on small matrices (thousands of rows x 1280) extra BLAS
     # threads cost more than they bring (1.4-3x slower on a 2-core machine, benchmarks/results/bench_heads.md);
     # parallel sweeps (joblib) use one thread per worker either way.
@@ -205,16 +211,34 @@ def _build_knn(params: dict[str, Any]) -> Any:
 # sweep strategies
 
 
+_QUIET_LOCK = threading.Lock()
+_quiet_state: dict[str, Any] = {"depth": 0, "cm": None}
+
+
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """Sweep fits at a loose tolerance may stop before converging; that is the point, not a warning."""
+    """Sweep fits at a loose tolerance may stop before converging; that is the point, not a warning.
+    Re-entrant and safe across threads (a speculative refit runs beside the sweep): only the outermost entry
+    and exit touch the process-wide warning filters."""
     import warnings
 
     from sklearn.exceptions import ConvergenceWarning
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
+    with _QUIET_LOCK:
+        if _quiet_state["depth"] == 0:
+            cm = warnings.catch_warnings()
+            cm.__enter__()
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            _quiet_state["cm"] = cm
+        _quiet_state["depth"] += 1
+    try:
         yield
+    finally:
+        with _QUIET_LOCK:
+            _quiet_state["depth"] -= 1
+            if _quiet_state["depth"] == 0:
+                _quiet_state.pop("cm").__exit__(None, None, None)
+                _quiet_state["cm"] = None
 
 
 def _threads(ctx: _Ctx, hk: HeadKind) -> contextlib.AbstractContextManager[Any]:
@@ -243,15 +267,19 @@ def _walk_path(
     Stops after PATIENCE consecutive points strictly below the best so far (lever ``early_stop``)."""
     tol = SWEEP_TOL if ctx.levers.sweep_tol else REFIT_TOL
     curve: dict[int, dict[str, Any]] = {}
-    best, below = -1.0, 0
+    best, best_i, below, proposed = -1.0, -1, 0, -1
     for i in _path_order(grid):
         t0 = time.perf_counter()
         acc = float(np.mean([fit_point(f, float(grid[i]["C"]), tol) for f in range(len(folds))]))
         curve[i] = {"params": grid[i], "val_accuracy": acc, "seconds": time.perf_counter() - t0}
         if acc > best:
-            best, below = acc, 0
-        elif acc < best:
-            below += 1
+            best, best_i, below = acc, i, 0
+        else:
+            if acc < best:
+                below += 1
+            if proposed != best_i and (on_best := ctx.state.get("on_best")):  # the best has held one point: refit it
+                on_best(grid[best_i])
+                proposed = best_i
         if ctx.levers.early_stop and below >= PATIENCE and len(curve) < len(grid):
             ctx.info["stopped_early"] = True
             break
@@ -526,6 +554,44 @@ def _refit_rbf_svm(X: np.ndarray, y: np.ndarray, params: dict[str, Any], ctx: _C
 # k-NN: one neighbour search for the largest k, a distance-weighted vote for each k (as KNeighborsClassifier votes)
 
 
+KNN_BLOCK_BYTES = 64 * 2**20  # query rows per block: this many bytes of float32 scores
+
+
+def _knn_search(A: np.ndarray, B: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest rows of ``A`` for every row of ``B`` (Euclidean): (distances, indices), ascending, ties
+    to the lower row.
+
+    One float32 GEMM per block of queries gives |a|^2 - 2 a.b (which ranks like the distance) and
+    ``argpartition`` the k smallest: scikit-learn's brute search upcasts float32 blocks to float64 for its GEMM,
+    which is about half of its time. float32 rounding moves a squared distance by ~1e-7 |a|^2; where that could
+    hide an exact duplicate (d^2 below 1e-5 of the norms) the rows are compared, so exact matches stay at 0 and
+    outvote the rest, as in scikit-learn."""
+    A32 = np.ascontiguousarray(A, dtype=np.float32)
+    B32 = np.ascontiguousarray(B, dtype=np.float32)
+    n = len(A32)
+    k = min(k, n)
+    a2 = np.einsum("ij,ij->i", A32, A32)
+    b2 = np.einsum("ij,ij->i", B32, B32).astype(np.float64)
+    dist = np.empty((len(B32), k))
+    ind = np.empty((len(B32), k), dtype=np.int64)
+    step = max(1, KNN_BLOCK_BYTES // (4 * max(1, n)))
+    for s in range(0, len(B32), step):
+        Bb = B32[s : s + step]
+        S = Bb @ A32.T
+        S *= -2.0
+        S += a2
+        cand = np.argpartition(S, k - 1, axis=1)[:, :k] if k < n else np.broadcast_to(np.arange(n), (len(Bb), n))
+        d2 = np.take_along_axis(S, cand, axis=1).astype(np.float64) + b2[s : s + step, None]
+        scale = a2[cand] + b2[s : s + step, None]
+        for r, j in zip(*np.nonzero(d2 <= 1e-5 * np.maximum(scale, 1e-30))):  # near-zero: exact duplicate or not
+            d2[r, j] = float(((A32[cand[r, j]] - Bb[r]).astype(np.float64) ** 2).sum())
+        d = np.sqrt(np.maximum(d2, 0.0))
+        order = np.lexsort((cand, d), axis=1)
+        dist[s : s + step] = np.take_along_axis(d, order, axis=1)
+        ind[s : s + step] = np.take_along_axis(cand, order, axis=1)
+    return dist, ind
+
+
 def _vote(dist: np.ndarray, labels: np.ndarray, k: int, classes: np.ndarray) -> np.ndarray:
     d, lab = dist[:, :k], labels[:, :k]
     with np.errstate(divide="ignore"):
@@ -533,23 +599,25 @@ def _vote(dist: np.ndarray, labels: np.ndarray, k: int, classes: np.ndarray) -> 
     inf = np.isinf(w)
     rows = inf.any(axis=1)
     w[rows] = inf[rows]  # an exact match outvotes everything (scikit-learn's rule)
-    idx = np.searchsorted(classes, lab)
-    votes = np.zeros((len(d), len(classes)))
-    np.add.at(votes, (np.repeat(np.arange(len(d)), k), idx.ravel()), w.ravel())
+    idx = np.searchsorted(classes, lab) + len(classes) * np.arange(len(d))[:, None]
+    votes = np.bincount(idx.ravel(), weights=w.ravel(), minlength=len(d) * len(classes)).reshape(len(d), len(classes))
     return classes[votes.argmax(axis=1)]
 
 
 def _sweep_knn(X: np.ndarray, y: np.ndarray, folds: Folds, grid: list[dict[str, Any]], ctx: _Ctx) -> list[dict[str, Any]]:
     if not ctx.levers.one_search:
         return _parallel_points(grid, folds, ctx, lambda p: _knn(p["n_neighbors"]), X, y, backend="threading")
-    from sklearn.neighbors import NearestNeighbors
-
     accs: dict[int, list[float]] = {}
     t0 = time.perf_counter()
     for tr, va in folds:
         ks = [int(p["n_neighbors"]) for p in grid]
         kmax = min(max(ks), len(tr))
-        dist, ind = NearestNeighbors(n_neighbors=kmax, algorithm="brute").fit(X[tr]).kneighbors(X[va])
+        if ctx.levers.fast_search:
+            dist, ind = _knn_search(X[tr], X[va], kmax)
+        else:
+            from sklearn.neighbors import NearestNeighbors
+
+            dist, ind = NearestNeighbors(n_neighbors=kmax, algorithm="brute").fit(X[tr]).kneighbors(X[va])
         labels = y[tr][ind]
         classes = np.unique(y[tr])
         for k in ks:
@@ -673,11 +741,14 @@ def _torch_lbfgs_logreg(
     max_iter: int = 1000,
     init: tuple[np.ndarray, np.ndarray] | None = None,
     device: str | None = None,
+    max_eval: int | None = None,
+    stats: dict[str, Any] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Minimise scikit-learn's objective, mean log-loss + ||W||^2 / (2 C n) (intercept unpenalised), with
     full-batch L-BFGS; ``batches()`` yields (X, y) pieces whose gradients are accumulated, so the data never
-    has to be in memory at once. Binary problems use one logit, like scikit-learn. Returns (coef, intercept,
-    iterations)."""
+    has to be in memory at once. Binary problems use one logit, like scikit-learn. ``max_eval`` caps the
+    objective evaluations (one pass over ``batches()`` each); ``stats`` receives evals, grad_max and converged.
+    Returns (coef, intercept, iterations)."""
     import torch
     import torch.nn.functional as F
 
@@ -693,11 +764,14 @@ def _torch_lbfgs_logreg(
         [W, b],
         lr=1,
         max_iter=max_iter,
+        max_eval=max_eval,
         tolerance_grad=tol,
         tolerance_change=1e-12,
         history_size=10,
         line_search_fn="strong_wolfe",
     )
+
+    seen: dict[tuple[float, ...], float] = {}
 
     def closure() -> Any:
         opt.zero_grad()
@@ -714,11 +788,25 @@ def _torch_lbfgs_logreg(
             total += float(loss.detach())
         reg = (W * W).sum() / (2.0 * C * n)
         reg.backward()
+        if stats is not None:  # this point's largest gradient, to tell afterwards whether the final point converged
+            seen[_point_key(W, b)] = max(float(W.grad.abs().max()), float(b.grad.abs().max()))
         return torch.tensor(total + float(reg.detach()))
 
     opt.step(closure)
-    n_iter = int(opt.state[opt._params[0]].get("n_iter", 0))
+    state = opt.state[opt._params[0]]
+    n_iter = int(state.get("n_iter", 0))
+    if stats is not None:
+        key = _point_key(W, b)
+        if key not in seen:  # not expected: L-BFGS ends on an evaluated point; one more pass measures it
+            closure()
+        grad_max = seen[key]
+        stats.update(evals=int(state.get("func_evals", 0)), grad_max=grad_max, converged=grad_max <= tol)
     return W.detach().cpu().numpy().astype(np.float64), b.detach().cpu().numpy().astype(np.float64), n_iter
+
+
+def _point_key(W: Any, b: Any) -> tuple[float, ...]:
+    w = W.detach()
+    return float(w.sum()), float(w.abs().sum()), float((w * w).sum()), float(b.detach().sum())
 
 
 def _export_logreg(coef: np.ndarray, intercept: np.ndarray, classes: np.ndarray, C: float, n_iter: int) -> Any:
@@ -857,9 +945,42 @@ def fit_head_arrays(
         raise UsageError(f"X must be (rows, features) with one label per row, got {X.shape} and {y.shape}")
     if len(np.unique(y)) < 2:
         raise UsageError("a head needs at least two classes in the training rows")
+    if not np.isfinite(X).all() or (X_val is not None and not np.isfinite(np.asarray(X_val)).all()):
+        raise UsageError("features contain NaN or infinite values")
+    from sklearn import config_context
+
     ctx = _Ctx(levers or SweepLevers(), max(1, n_jobs or os.cpu_count() or 1), solver, device, seed)
-    with _threads(ctx, hk):
+    # checked once above: the sweep's many fits and predictions skip scikit-learn's finiteness scan of X
+    with _threads(ctx, hk), config_context(assume_finite=ctx.levers.validate_once):
         return _fit_head_arrays(hk, kind, X, y, X_val, y_val, cv_folds, final_fit, grid, seed, ctx)
+
+
+class _SpeculativeRefit:
+    """Refits at the best point found so far in a second thread while the sweep walks on. Each new best replaces
+    the wish; a refit still queued for an older best is skipped. ``result(params)`` waits for the refit at the
+    final choice if one was started for it (None otherwise: refit normally)."""
+
+    def __init__(self, refit: Callable[[dict[str, Any]], Any]) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._refit = refit
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="featx-refit")
+        self._wanted: str | None = None
+        self._futures: dict[str, Any] = {}
+
+    def propose(self, params: dict[str, Any]) -> None:
+        key = json.dumps(params, sort_keys=True, default=str)
+        self._wanted = key
+        self._futures[key] = self._pool.submit(lambda: self._refit(params) if self._wanted == key else None)
+
+    def result(self, params: dict[str, Any]) -> Any:
+        key = json.dumps(params, sort_keys=True, default=str)
+        self._wanted = key  # anything still queued for another point is skipped
+        try:
+            fut = self._futures.get(key)
+            return fut.result() if fut is not None else None
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _fit_head_arrays(
@@ -899,15 +1020,39 @@ def _fit_head_arrays(
             selection, folds = "rule", []
     t0 = time.perf_counter()
     default = default_params(kind, n_features=X.shape[1], x_var=x_var)
-    if selection == "rule":
-        curve, best_params, full_grid = [], default, [default]
-    else:
-        full_grid = grid or hk.grid(X.shape[1], min(len(tr) for tr, _ in folds), x_var)
-        curve = hk.sweep(X_all, y_all, folds, full_grid, ctx)
-        best_params = curve[choose(kind, curve, default)]["params"]
-    t1 = time.perf_counter()
     rows = _contiguous(fit_rows)
-    if kind == "rbf-svm":
+    speculative = (
+        _SpeculativeRefit(lambda p: hk.refit(X_all[rows], y_all[rows], p, ctx))
+        if (
+            selection != "rule"
+            and ctx.levers.speculative_refit
+            and ctx.n_jobs > 1
+            and ctx.solver == "sklearn"
+            and kind in ("logreg", "linear-svm")
+        )
+        else None
+    )
+    with _quiet():  # one quiet window over the sweep, the refit beside it and the wait for that refit
+        if selection == "rule":
+            curve, best_params, full_grid = [], default, [default]
+        else:
+            full_grid = grid or hk.grid(X.shape[1], min(len(tr) for tr, _ in folds), x_var)
+            if speculative:
+                ctx.state["on_best"] = speculative.propose
+            try:
+                curve = hk.sweep(X_all, y_all, folds, full_grid, ctx)
+            except BaseException:
+                if speculative:
+                    speculative.result({})  # stop the refit thread before the error goes up
+                raise
+            finally:
+                ctx.state.pop("on_best", None)
+            best_params = curve[choose(kind, curve, default)]["params"]
+        t1 = time.perf_counter()
+        clf = speculative.result(best_params) if speculative else None
+    if clf is not None:
+        ctx.info["refit_overlapped"] = True
+    elif kind == "rbf-svm":
         clf = _refit_rbf_svm(X_all[rows], y_all[rows], best_params, ctx, rows=fit_rows)
     else:
         clf = hk.refit(X_all[rows], y_all[rows], best_params, ctx)
@@ -1080,6 +1225,17 @@ def _head_metadata(kind: str, train: Any, val: Any, test: Any, plan: SplitPlan, 
     }
 
 
+# float32 features per chunk read and processed at once. Each chunk briefly exists ~4 times (read, selected,
+# standardised, float64 for the solver), and the next one is read meanwhile: at 32 MiB a streamed fit needed
+# ~800 MB and a 768 MB limit killed it.
+STREAM_CHUNK_BYTES = 8 * 2**20
+# The C sweep of a streamed fit runs in memory on a seeded random subsample of the training rows of at most this
+# many bytes of float32 features (13,107 rows at 1280 dims): a full-batch L-BFGS fit costs ~30 passes over the
+# rows, so sweeping a 13-point grid streamed would read the cache hundreds of times.
+STREAM_SWEEP_BYTES = 64 * 2**20
+STREAM_MAX_PASSES = 200  # the streamed refit stops here (and warns) if L-BFGS has not converged
+
+
 def fit_head(
     train: FeatureSet | str | os.PathLike[str],
     val: FeatureSet | str | os.PathLike[str] | None = None,
@@ -1094,6 +1250,8 @@ def fit_head(
     device: str | None = None,
     stream: bool = False,
     chunk_rows: int | None = None,
+    sweep_rows: int | None = None,
+    max_passes: int = STREAM_MAX_PASSES,
     levers: SweepLevers | None = None,
 ) -> FittedHead:
     """Sweep on val, refit with the chosen values, evaluate once on test. Missing val/test are carved from train.
@@ -1101,7 +1259,7 @@ def fit_head(
     ``final_fit``: ``train+val`` (default; Kornblith et al. 2019) refits on both splits, ``train`` keeps the
     model fitted on train alone, as fine-tuning does with ``--final-fit train``. ``solver="torch"``: logistic
     regression with torch L-BFGS (on ``device``). ``stream=True``: train/val/test are cache files read in row
-    chunks, never whole (logreg only; see :func:`fit_head_streamed`).
+    chunks, never whole (logreg only; ``sweep_rows``, ``max_passes``: see :func:`fit_head_streamed`).
     """
     if stream:
         return fit_head_streamed(
@@ -1114,6 +1272,8 @@ def fit_head(
             final_fit=final_fit,
             device=device,
             chunk_rows=chunk_rows,
+            sweep_rows=sweep_rows,
+            max_passes=max_passes,
             levers=levers,
         )
     head_kind(kind)  # raises for an unknown kind
@@ -1172,11 +1332,6 @@ def fit_head(
 # streamed fit: caches larger than memory
 
 
-# float32 features per chunk read and processed at once. Each chunk briefly exists ~4 times (read, selected,
-# standardised, float64 for the solver): at 32 MiB a streamed fit needed ~800 MB and a 768 MB limit killed it.
-STREAM_CHUNK_BYTES = 8 * 2**20
-
-
 def _open_reader(ref: Any) -> Any:
     from featx.cache import CacheReader
 
@@ -1185,6 +1340,29 @@ def _open_reader(ref: Any) -> Any:
     if isinstance(ref, FeatureSet):
         return CacheReader(ref.path)
     return CacheReader(ref)
+
+
+def _prefetched(items: Iterator[Any]) -> Iterator[Any]:
+    """Iterate ``items`` with the next one produced in a background thread: chunk reads (HDF5, checksums) overlap
+    with the solver's work on the current chunk (torch and numpy release the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    done = object()
+    with ThreadPoolExecutor(1, thread_name_prefix="featx-read") as pool:
+        pending = pool.submit(next, items, done)
+        while (item := pending.result()) is not done:
+            pending = pool.submit(next, items, done)
+            yield item
+
+
+def _subsample(rows: np.ndarray, labels: np.ndarray, m: int, seed: int) -> np.ndarray:
+    """``m`` of ``rows`` drawn at random (seeded), plus one row of every class the draw missed; sorted."""
+    if m >= len(rows):
+        return np.sort(rows)
+    pick = np.random.default_rng(seed).choice(len(rows), size=m, replace=False)
+    missing = np.setdiff1d(labels, labels[pick])
+    extra = [int(np.flatnonzero(labels == c)[0]) for c in missing]
+    return np.sort(rows[np.concatenate([pick, np.asarray(extra, dtype=np.int64)])])
 
 
 def fit_head_streamed(
@@ -1198,63 +1376,87 @@ def fit_head_streamed(
     final_fit: str = "train+val",
     device: str | None = None,
     chunk_rows: int | None = None,
+    sweep_rows: int | None = None,
+    max_passes: int = STREAM_MAX_PASSES,
     levers: SweepLevers | None = None,
 ) -> FittedHead:
-    """:func:`fit_head` for caches that need not fit in memory: logistic regression only, with torch L-BFGS on
-    full-batch gradients accumulated chunk by chunk (the same objective as scikit-learn's). One pass fits the
-    StandardScaler (``partial_fit``); each solver iteration is one pass over the training rows; val and test are
-    predicted chunk by chunk. Memory holds one chunk of rows (``chunk_rows``, default ~32 MiB of features), the
-    labels and the model, never the feature matrix."""
+    """:func:`fit_head` for caches that need not fit in memory (logistic regression only).
+
+    Pass 1 fits the StandardScaler (``partial_fit``) and keeps a seeded random subsample of ``sweep_rows``
+    training rows (default: STREAM_SWEEP_BYTES of features; all rows when they fit). The C path is fitted in memory
+    on that subsample (warm starts, sweep tolerance) and every point is scored on the whole val split in one pass.
+    The final fit is torch L-BFGS on full-batch gradients accumulated chunk by chunk over all training (+ val) rows
+    (scikit-learn's objective at the chosen C), warm-started from the subsample's solution: one pass per function
+    evaluation, at most ``max_passes``. Memory holds the subsample, two chunks of rows (``chunk_rows``, default
+    STREAM_CHUNK_BYTES of features), the labels and the model, never the feature matrix."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.preprocessing import StandardScaler
 
     if kind != "logreg":
         raise UsageError(f"streamed fits support the logreg head only, not {kind}")
     if final_fit not in FINAL_FITS:
         raise UsageError(f"final_fit must be one of {', '.join(FINAL_FITS)}, got {final_fit!r}")
+    if max_passes < 1 or (sweep_rows is not None and sweep_rows < 1):
+        raise UsageError("max_passes and sweep_rows must be positive")
     plan = plan or SplitPlan()
     lev = levers or SweepLevers()
     readers = {n: _open_reader(r) for n, r in (("train", train), ("val", val), ("test", test)) if r is not None}
     try:
         check_same_embedder(readers)
         tr_reader = readers["train"]
-        step = chunk_rows or max(tr_reader.chunk_rows, STREAM_CHUNK_BYTES // (4 * max(1, tr_reader.feature_dim)))
+        d = tr_reader.feature_dim
+        step = chunk_rows or max(tr_reader.chunk_rows, STREAM_CHUNK_BYTES // (4 * max(1, d)))
         carved = plan.carve(tr_reader.labels, has_val="val" in readers, has_test="test" in readers)
-        pos_to_row = {int(p): r for r, p in enumerate(tr_reader.indices)}
+        by_pos = np.argsort(tr_reader.indices, kind="stable")
         sources: dict[str, list[tuple[Any, np.ndarray | None]]] = {}
         for name in ("train", "val", "test"):
             if name in readers and name != "train":
                 sources[name] = [(readers[name], None)]
             elif name in carved:
-                sources[name] = [
-                    (tr_reader, np.asarray([pos_to_row[int(p)] for p in carved[name] if int(p) in pos_to_row], dtype=np.int64))
-                ]
+                pos = np.asarray(carved[name], dtype=tr_reader.indices.dtype)
+                at = np.minimum(np.searchsorted(tr_reader.indices, pos, sorter=by_pos), len(by_pos) - 1)
+                rows = by_pos[at][tr_reader.indices[by_pos[at]] == pos] if len(by_pos) else np.empty(0, np.int64)
+                sources[name] = [(tr_reader, rows.astype(np.int64))]
 
-        def raw_chunks(name: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        def raw_chunks(name: str) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
             for reader, rows in sources.get(name, []):
-                for _, Xc, yc in reader.iter_chunks(rows, chunk_rows=step):
-                    yield Xc, yc
+                yield from _prefetched(reader.iter_chunks(rows, chunk_rows=step))
 
         t0 = time.perf_counter()
+        reader0, rows0 = sources["train"][0]
+        tr_rows = np.arange(reader0.n_rows) if rows0 is None else rows0
+        tr_rows = tr_rows[reader0.valid[tr_rows]]
+        if len(tr_rows) == 0:
+            raise UsageError("the training split has no decodable rows")
+        m = sweep_rows or max(1, STREAM_SWEEP_BYTES // (4 * max(1, d)))
+        sub_rows = _subsample(tr_rows, reader0.labels[tr_rows], m, plan.seed)
         scaler = StandardScaler()
-        ys = []
-        for Xc, yc in raw_chunks("train"):
+        ys, sub_X, sub_y = [], [], []
+        for r, Xc, yc in raw_chunks("train"):  # pass 1: scaler statistics and the sweep's subsample
             scaler.partial_fit(Xc)
             ys.append(yc)
-        if not ys:
-            raise UsageError("the training split has no decodable rows")
+            take = np.isin(r, sub_rows, assume_unique=True)
+            if take.any():
+                sub_X.append(Xc[take]), sub_y.append(yc[take])
         shrink_scaler(scaler)
         mean32, scale32 = scaler.mean_.astype(np.float32), scaler.scale_.astype(np.float32)
         y_tr = np.concatenate(ys)
         classes = np.unique(y_tr)
         if len(classes) < 2:
             raise UsageError("a head needs at least two classes in the training split")
-        d = tr_reader.feature_dim
-        y_va = np.concatenate([yc for _, yc in raw_chunks("val")] or [np.empty(0, np.int64)])
+        X_sub = np.concatenate(sub_X)
+        del sub_X
+        X_sub -= mean32
+        X_sub /= scale32
+        y_sub = np.concatenate(sub_y)
+        y_va = np.concatenate([yc for _, _, yc in raw_chunks("val")] or [np.empty(0, np.int64)])
 
-        def batches(names: tuple[str, ...]) -> Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]:
+        def standardised(names: tuple[str, ...]) -> Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]:
             def gen() -> Iterator[tuple[np.ndarray, np.ndarray]]:
                 for name in names:
-                    for Xc, yc in raw_chunks(name):
+                    for _, Xc, yc in raw_chunks(name):
                         keep = np.isin(yc, classes)
                         Xk = Xc if keep.all() else Xc[keep]
                         Xk -= mean32  # the scaler's transform, in place and in float32 (Xc is this chunk's own copy)
@@ -1263,45 +1465,79 @@ def fit_head_streamed(
 
             return gen
 
-        def predict_split(coef: np.ndarray, icpt: np.ndarray, name: str) -> np.ndarray:
-            out = []
-            for Xc, _ in raw_chunks(name):
-                z = scaler.transform(Xc) @ coef.T + icpt
-                out.append(classes[(z[:, 0] > 0).astype(int)] if z.shape[1] == 1 else classes[z.argmax(axis=1)])
-            return np.concatenate(out) if out else np.empty(0, classes.dtype)
+        def predict_split(models: list[tuple[np.ndarray, np.ndarray]], name: str) -> list[np.ndarray]:
+            out: list[list[np.ndarray]] = [[] for _ in models]
+            for _, Xc, _ in raw_chunks(name):
+                Xs = scaler.transform(Xc)
+                for j, (coef, icpt) in enumerate(models):
+                    z = Xs @ coef.T + icpt
+                    out[j].append(classes[(z[:, 0] > 0).astype(int)] if z.shape[1] == 1 else classes[z.argmax(axis=1)])
+            return [np.concatenate(o) if o else np.empty(0, classes.dtype) for o in out]
 
         grid = grid or head_kind(kind).grid(d, len(y_tr), 1.0)
         ctx = _Ctx(lev, 1, "torch", device)
-        warm: dict[str, Any] = {"w": None}
         fits: dict[float, tuple[np.ndarray, np.ndarray]] = {}
-        train_batches = batches(("train",))
-
-        def fit_point(f: int, C: float, tol: float) -> float:
-            init = warm["w"] if lev.warm_path else None
-            coef, icpt, _ = _torch_lbfgs_logreg(train_batches, len(y_tr), d, len(classes), C, tol=tol, init=init, device=device)
-            warm["w"] = fits[C] = (coef, icpt)
-            return _accuracy(predict_split(coef, icpt, "val"), y_va)
-
         if len(y_va):
-            selection = "val"
-            curve = _walk_path(grid, [(np.empty(0), np.empty(0))], ctx, fit_point)
+            selection, curve = "val", []
+            tol = SWEEP_TOL if lev.sweep_tol else REFIT_TOL
+            order = _path_order(grid)
+            model = None
+            with _threads(ctx, head_kind(kind)):
+                for i in order:  # the whole path on the subsample: fits are cheap, val is scored in one pass below
+                    t_point = time.perf_counter()
+                    C = float(grid[i]["C"])
+                    model = model if lev.warm_path and model is not None else _logreg(C, tol)
+                    model.set_params(C=C, tol=tol, warm_start=lev.warm_path)
+                    with _quiet():
+                        model.fit(X_sub, np.searchsorted(classes, y_sub))
+                    fits[C] = (model.coef_.copy(), model.intercept_.copy())
+                    curve.append({"params": grid[i], "val_accuracy": 0.0, "seconds": time.perf_counter() - t_point})
+            preds = predict_split([fits[float(grid[i]["C"])] for i in order], "val")
+            for point, pred in zip(curve, preds):
+                point["val_accuracy"] = _accuracy(pred, y_va)
+            curve = [curve[order.index(i)] for i in range(len(grid))]
             best_params = curve[choose(kind, curve)]["params"]
+            ctx.info["stopped_early"] = False
         else:
             selection, curve, best_params = "rule", [], default_params(kind, n_features=d)
+        del X_sub
         t1 = time.perf_counter()
         names = ("train", "val") if final_fit == "train+val" else ("train",)
         n_fit = len(y_tr) + (int(np.isin(y_va, classes).sum()) if final_fit == "train+val" else 0)
         C = float(best_params["C"])
+        stats: dict[str, Any] = {}
         coef, icpt, nit = _torch_lbfgs_logreg(
-            batches(names), n_fit, d, len(classes), C, tol=REFIT_TOL, init=fits.get(C) if lev.warm_path else None, device=device
+            standardised(names),
+            n_fit,
+            d,
+            len(classes),
+            C,
+            tol=REFIT_TOL,
+            init=fits.get(C) if lev.warm_path else None,
+            device=device,
+            max_eval=max_passes,
+            stats=stats,
         )
+        if not stats["converged"]:
+            warnings.warn(
+                f"streamed logreg fit stopped after {stats['evals']} passes without converging (largest gradient "
+                f"{stats['grad_max']:.2g} > tol {REFIT_TOL:g}); pass a larger max_passes",
+                ConvergenceWarning,
+                stacklevel=2,
+            )
         estimator = _pipeline(_logreg_steps(), scaler, _export_logreg(coef, icpt, classes, C, nit))
-        ctx.info.update(sweep_seconds=t1 - t0, refit_seconds=time.perf_counter() - t1)
+        ctx.info.update(
+            sweep_seconds=t1 - t0,
+            refit_seconds=time.perf_counter() - t1,
+            sweep_rows=len(y_sub),
+            refit_passes=stats["evals"],
+            refit_converged=stats["converged"],
+        )
         fit_seconds = time.perf_counter() - t0
-        te_labels = np.concatenate([yc for _, yc in raw_chunks("test")] or [np.empty(0, np.int64)])
+        te_labels = np.concatenate([yc for _, _, yc in raw_chunks("test")] or [np.empty(0, np.int64)])
         metrics = None
         if len(te_labels):
-            metrics = classification_metrics(te_labels, predict_split(coef, icpt, "test"), len(tr_reader.classes))
+            metrics = classification_metrics(te_labels, predict_split([(coef, icpt)], "test")[0], len(tr_reader.classes))
         val_acc = max(c["val_accuracy"] for c in curve) if curve else float("nan")
         metadata = _head_metadata(
             kind,

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
@@ -16,7 +17,7 @@ from sklearn.preprocessing import Normalizer, StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
 from featx.cache import load_cache
-from featx.errors import UsageError
+from featx.errors import CacheError, UsageError
 from featx.heads import (
     HEAD_DEFAULT_PARAMS,
     HEADS,
@@ -31,7 +32,16 @@ from featx.heads import (
 )
 
 OFF = SweepLevers(
-    warm_path=False, sweep_tol=False, early_stop=False, primal=False, gram=False, one_search=False, one_thread=False
+    warm_path=False,
+    sweep_tol=False,
+    early_stop=False,
+    primal=False,
+    gram=False,
+    one_search=False,
+    one_thread=False,
+    fast_search=False,
+    speculative_refit=False,
+    validate_once=False,
 )
 
 
@@ -75,6 +85,27 @@ def test_logreg_warm_path_chooses_what_cold_fits_choose(problem: dict[str, np.nd
     plain = fit_head_arrays("logreg", problem["X"], problem["y"], X_val=problem["Xv"], y_val=problem["yv"], n_jobs=1, levers=OFF)
     assert plain.best_params == fast.best_params and len(plain.curve) == 13
     np.testing.assert_allclose(fast.estimator[-1].coef_, plain.estimator[-1].coef_, atol=2e-3)
+
+
+@pytest.mark.parametrize("kind", ["logreg", "linear-svm"])
+def test_speculative_refit_is_the_same_refit(kind: str, problem: dict[str, np.ndarray]) -> None:
+    """The refit a second thread starts while the path goes on is the refit done afterwards, bit for bit; the
+    warning filters it shares with the sweep come back unchanged."""
+    import warnings
+
+    filters = list(warnings.filters)
+    kw: dict[str, Any] = {"X_val": problem["Xv"], "y_val": problem["yv"], "n_jobs": 2}
+    fast = fit_head_arrays(kind, problem["X"], problem["y"], **kw)
+    plain = fit_head_arrays(kind, problem["X"], problem["y"], levers=SweepLevers(speculative_refit=False), **kw)
+    assert fast.info.get("refit_overlapped") and "refit_overlapped" not in plain.info
+    assert fast.best_params == plain.best_params
+    np.testing.assert_array_equal(fast.estimator[-1].coef_, plain.estimator[-1].coef_)
+    np.testing.assert_array_equal(fast.estimator[-1].intercept_, plain.estimator[-1].intercept_)
+    assert list(warnings.filters) == filters
+    bad = problem["X"].copy()
+    bad[3, 5] = np.nan
+    with pytest.raises(UsageError, match="NaN"):
+        fit_head_arrays(kind, bad, problem["y"], **kw)
 
 
 def test_torch_logreg_agrees_with_sklearn_at_the_same_c(problem: dict[str, np.ndarray]) -> None:
@@ -146,6 +177,22 @@ def test_rbf_precomputed_gram_sweep_equals_plain_svc(problem: dict[str, np.ndarr
     Xt = fast.estimator[0].transform(pooled_like(300, seed=5)[0])
     assert (got.predict(Xt) == direct.predict(Xt)).mean() >= 0.99
     np.testing.assert_allclose(got.decision_function(Xt), direct.decision_function(Xt), atol=1e-3)
+
+
+def test_knn_search_equals_scikit_learns_brute_search(monkeypatch: pytest.MonkeyPatch) -> None:
+    """float32 GEMM candidates re-ranked by exact distances: the neighbours and distances of scikit-learn's search,
+    across many query blocks and row sub-blocks, and for k at or above the number of rows."""
+    from sklearn.neighbors import NearestNeighbors
+
+    import featx.heads as heads
+
+    A, B = pooled_like(700, seed=41)[0], pooled_like(150, seed=42)[0]
+    monkeypatch.setattr(heads, "KNN_BLOCK_BYTES", 4 * 700 * 16)
+    for k, rows in ((20, 700), (30, 30), (40, 30)):
+        ref_d, ref_i = NearestNeighbors(n_neighbors=min(k, rows), algorithm="brute").fit(A[:rows]).kneighbors(B)
+        d, i = heads._knn_search(A[:rows], B, k)
+        np.testing.assert_array_equal(i, ref_i)
+        np.testing.assert_allclose(d, ref_d, rtol=1e-5, atol=1e-6)
 
 
 def test_knn_one_search_equals_one_classifier_per_k(problem: dict[str, np.ndarray]) -> None:
@@ -257,6 +304,42 @@ def test_streamed_fit_agrees_with_the_in_memory_fit(sample_caches: dict[str, Pat
     assert carved.metadata["n_val"] == carved_mem.metadata["n_val"] and carved.metadata["n_test"] == carved_mem.metadata["n_test"]
     with pytest.raises(UsageError, match="logreg"):
         fit_head(paths["train"], kind="knn", stream=True)
+
+
+def test_streamed_fit_sweeps_a_subsample_and_refits_on_every_row(sample_caches: dict[str, Path], tmp_path: Path) -> None:
+    """The streamed sweep runs on a seeded subsample; the final fit uses every row at the chosen C and equals the
+    in-memory fit at that C; a capped fit says it did not converge; a damaged chunk stops it with CacheError."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    template = load_cache(sample_caches["train"]).attrs
+    X, y = pooled_like(900, d=40, k=4, seed=31)
+    Xv, yv = pooled_like(300, d=40, k=4, seed=32)
+    paths = {
+        n: _write_cache(tmp_path / f"{n}.h5", a, b, {**template, "split": n}, ["a", "b", "c", "d"], 64)
+        for n, a, b in (("train", X, y), ("val", Xv, yv))
+    }
+    s = fit_head(paths["train"], paths["val"], kind="logreg", stream=True, sweep_rows=250, chunk_rows=100)
+    again = fit_head(paths["train"], paths["val"], kind="logreg", stream=True, sweep_rows=250, chunk_rows=100)
+    md = s.metadata
+    assert 250 <= md["sweep_rows"] <= 254 and md["refit_converged"] and md["refit_passes"] >= 2
+    assert md["n_fit"] == md["n_train"] + 300 and md["n_train"] < 900  # test carved from train
+    assert [(c["params"], c["val_accuracy"]) for c in again.sweep] == [(c["params"], c["val_accuracy"]) for c in s.sweep]
+    carved = load_cache(paths["train"])
+    mem = fit_head(carved, load_cache(paths["val"]), kind="logreg", grid=[s.best_params], n_jobs=1)
+    np.testing.assert_allclose(s.estimator[-1].coef_, mem.estimator[-1].coef_, atol=5e-3, rtol=2e-2)
+    assert s.test_metrics["accuracy"] == pytest.approx(mem.test_metrics["accuracy"], abs=0.01)
+    with pytest.warns(ConvergenceWarning, match="max_passes"):
+        capped = fit_head(paths["train"], paths["val"], kind="logreg", stream=True, grid=[s.best_params], max_passes=2)
+    assert not capped.metadata["refit_converged"] and capped.metadata["refit_passes"] < md["refit_passes"]
+    with h5py.File(paths["train"], "r") as f:
+        info = f["features"].id.get_chunk_info(f["features"].id.get_num_chunks() // 2)
+    with paths["train"].open("r+b") as fh:  # invert 16 bytes inside a feature chunk
+        fh.seek(info.byte_offset + info.size // 2)
+        data = fh.read(16)
+        fh.seek(info.byte_offset + info.size // 2)
+        fh.write(bytes(b ^ 0xFF for b in data))
+    with pytest.raises(CacheError):
+        fit_head(paths["train"], paths["val"], kind="logreg", stream=True, chunk_rows=100)
 
 
 def test_sample_heads_save_and_load_with_every_lever(sample_caches: dict[str, Path], tmp_path: Path) -> None:
