@@ -281,8 +281,8 @@ def part_synthetic(args: argparse.Namespace) -> dict[str, Any]:
 
 
 ABLATION = {
-    "logreg": ["warm_path", "sweep_tol", "early_stop", "one_thread", "validate_once"],
-    "linear-svm": ["primal", "warm_path", "sweep_tol", "early_stop", "one_thread", "speculative_refit", "validate_once"],
+    "logreg": ["warm_path", "sweep_tol", "early_stop", "one_thread"],
+    "linear-svm": ["primal", "warm_path", "sweep_tol", "early_stop", "one_thread", "speculative_refit"],
     "rbf-svm": ["gram", "one_thread"],
     "knn": ["one_search", "fast_search"],
 }
@@ -556,6 +556,8 @@ def write_report(results: dict[str, Any], out: Path) -> None:
                 f"| {r['dataset']} | {r['kind']} | {r['all_levers_s']:.2f} | {offs} | {r['shared_transform']['gain']:.3f}x |"
             )
         lines.append("")
+        for name, what in results.get("removed_levers", {}).items():
+            lines += [f"Removed after this ablation: `{name}`, {what}", ""]
     if results.get("scaling"):
         lines += ["## Time vs N (synthetic, 80/20 train/val)", "", "![time vs N](bench_heads.png)", ""]
         _plot(results["scaling"], out / "bench_heads.png")

@@ -77,7 +77,6 @@ class SweepLevers:
     # if it is the final choice; the refit is the same computation either way). Not for logreg: there the two fits
     # slowed each other down more than the overlap saved (flowers17, clothing10), so its refit stays sequential.
     speculative_refit: bool = True
-    validate_once: bool = True  # check X for NaN/inf once, not in each of the sweep's fits and predictions
     fast_search: bool = True  # knn: float32 GEMM candidates re-ranked by exact distances, not scikit-learn's search
     # Sequential fits with one BLAS/OpenMP thread: on small matrices (thousands of rows x 1280) extra BLAS
     # threads cost more than they bring (1.4-3x slower on a 2-core machine, benchmarks/results/bench_heads.md);
@@ -947,12 +946,9 @@ def fit_head_arrays(
     if len(np.unique(y)) < 2:
         raise UsageError("a head needs at least two classes in the training rows")
     if not np.isfinite(X).all() or (X_val is not None and not np.isfinite(np.asarray(X_val)).all()):
-        raise UsageError("features contain NaN or infinite values")
-    from sklearn import config_context
-
+        raise UsageError("features contain NaN or infinite values")  # one line now, not an error deep in a sweep
     ctx = _Ctx(levers or SweepLevers(), max(1, n_jobs or os.cpu_count() or 1), solver, device, seed)
-    # checked once above: the sweep's many fits and predictions skip scikit-learn's finiteness scan of X
-    with _threads(ctx, hk), config_context(assume_finite=ctx.levers.validate_once):
+    with _threads(ctx, hk):
         return _fit_head_arrays(hk, kind, X, y, X_val, y_val, cv_folds, final_fit, grid, seed, ctx)
 
 

@@ -41,7 +41,6 @@ OFF = SweepLevers(
     one_thread=False,
     fast_search=False,
     speculative_refit=False,
-    validate_once=False,
 )
 
 
