@@ -1421,6 +1421,14 @@ def fit_head_streamed(
             for reader, rows in sources.get(name, []):
                 yield from _prefetched(reader.iter_chunks(rows, chunk_rows=step))
 
+        def labels_of(name: str) -> np.ndarray:
+            """The labels of a split's valid rows in the order raw_chunks yields them, without reading features."""
+            out = [np.empty(0, np.int64)]
+            for reader, rows in sources.get(name, []):
+                r = np.flatnonzero(reader.valid) if rows is None else np.sort(rows)
+                out.append(reader.labels[r[reader.valid[r]]])
+            return np.concatenate(out)
+
         t0 = time.perf_counter()
         reader0, rows0 = sources["train"][0]
         tr_rows = np.arange(reader0.n_rows) if rows0 is None else rows0
@@ -1448,7 +1456,7 @@ def fit_head_streamed(
         X_sub -= mean32
         X_sub /= scale32
         y_sub = np.concatenate(sub_y)
-        y_va = np.concatenate([yc for _, _, yc in raw_chunks("val")] or [np.empty(0, np.int64)])
+        y_va = labels_of("val")
 
         def standardised(names: tuple[str, ...]) -> Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]:
             def gen() -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -1531,7 +1539,7 @@ def fit_head_streamed(
             refit_converged=stats["converged"],
         )
         fit_seconds = time.perf_counter() - t0
-        te_labels = np.concatenate([yc for _, _, yc in raw_chunks("test")] or [np.empty(0, np.int64)])
+        te_labels = labels_of("test")
         metrics = None
         if len(te_labels):
             metrics = classification_metrics(te_labels, predict_split([(coef, icpt)], "test")[0], len(tr_reader.classes))
