@@ -536,6 +536,8 @@ def cmd_fit_head(args: argparse.Namespace) -> int:
     unknown = [k for k in kinds if k not in HEADS]
     if unknown or not kinds:
         raise UsageError(f"unknown head '{', '.join(unknown)}' (choose from {', '.join(HEADS)}, or all)")
+    if not args.stream and (args.sweep_rows is not None or args.max_passes is not None):
+        raise UsageError("--sweep-rows and --max-passes go with --stream")
     sets, ds_name = _resolve_head_caches(args)
     plan = SplitPlan(args.val_fraction, args.test_fraction, args.seed)
     out_dir = Path(args.out_dir)
@@ -574,7 +576,7 @@ def cmd_fit_head(args: argparse.Namespace) -> int:
             ]
         )
     print(format_table(rows))
-    classes = sets["train"].classes
+    classes = head.classes  # the caches may be files (--stream); every head has the training classes
     for kind, s in summaries.items():
         cm = (s.get("test_metrics") or {}).get("confusion_matrix")
         if cm:

@@ -37,6 +37,12 @@ def test_extract_fit_head_predict_end_to_end(
     metrics = json.loads((tmp_path / "heads" / "data-efficientnet_lite0-pooled-metrics.json").read_text())
     assert metrics["logreg"]["test_metrics"]["accuracy"] >= 0.9  # generated classes are easy
     assert metrics["logreg"]["n_val"] == 6  # carved: 20% of train, stratified
+    stream = ["fit-head", str(data), "--head", "logreg", "--image-size", "64", "--stream", "--sweep-rows", "9", "--out-dir", "sh"]
+    code, out, err = run(stream, capsys)
+    assert code == 0, err
+    streamed = json.loads((tmp_path / "sh" / "data-efficientnet_lite0-pooled-metrics.json").read_text())["logreg"]
+    assert code == 0 and streamed["stream"] and streamed["refit_converged"] and 9 <= streamed["sweep_rows"] <= 12
+    assert streamed["n_val"] == 6 and streamed["n_fit"] == metrics["logreg"]["n_fit"]  # the same rows as in memory
     head = tmp_path / "heads" / "data-efficientnet_lite0-pooled-logreg.skops"
     code, out, _ = run(["predict", str(head), str(data / "test"), "--num-workers", "0"], capsys)
     lines = out.strip().splitlines()
@@ -59,6 +65,7 @@ def test_extract_fit_head_predict_end_to_end(
         (["extract", "{tmp}/data", "--weights", "{tmp}/nope.pth"], "not found"),
         (["fit-head", "{tmp}/data", "--head", "forest"], "unknown head"),
         (["fit-head", "{tmp}/data"], "no cache for split"),
+        (["fit-head", "{tmp}/data", "--sweep-rows", "100"], "go with --stream"),
         (["predict", "{tmp}/nohead.skops", "{tmp}/data"], "head file not found"),
         (["cache", "info", "deadbeef", "--cache-dir", "{tmp}"], "no cache with key"),
         (["finetune", "{tmp}/data", "--strategy", "magic"], "strategy"),
