@@ -77,7 +77,7 @@ class SweepLevers:
     # if it is the final choice; the refit is the same computation either way). Not for logreg: there the two fits
     # slowed each other down more than the overlap saved (flowers17, clothing10), so its refit stays sequential.
     speculative_refit: bool = True
-    fast_search: bool = True  # knn: float32 GEMM candidates re-ranked by exact distances, not scikit-learn's search
+    fast_search: bool = True  # knn: float32 GEMM + argpartition per block of queries, not scikit-learn's float64 search
     # Sequential fits with one BLAS/OpenMP thread: on small matrices (thousands of rows x 1280) extra BLAS
     # threads cost more than they bring (1.4-3x slower on a 2-core machine, benchmarks/results/bench_heads.md);
     # parallel sweeps (joblib) use one thread per worker either way.
