@@ -804,15 +804,20 @@ class CacheReader:
                 raise _damaged(self.path, f"features fail their checksum (row {start + int(bad[0])})")
         return block
 
+    def valid_rows(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """The rows among ``rows`` (default: all) that hold features, sorted: the rows and order of iter_chunks."""
+        if rows is None:
+            return np.flatnonzero(self.valid)
+        wanted = np.sort(np.asarray(rows, dtype=np.int64))
+        return wanted[self.valid[wanted]]
+
     def iter_chunks(
         self, rows: np.ndarray | None = None, *, chunk_rows: int | None = None
     ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Yield ``(rows, features float32, labels)`` for the valid rows among ``rows`` (default: all), in file
         order, reading at most ``chunk_rows`` file rows at a time (default: the file's own chunk)."""
         step = max(1, chunk_rows or self.chunk_rows)
-        wanted = np.flatnonzero(self.valid) if rows is None else np.sort(np.asarray(rows, dtype=np.int64))
-        if rows is not None:
-            wanted = wanted[self.valid[wanted]]
+        wanted = self.valid_rows(rows)
         for start in range(0, self.n_rows, step):
             sel = wanted[(wanted >= start) & (wanted < start + step)]
             if len(sel) == 0:

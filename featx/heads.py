@@ -73,9 +73,8 @@ class SweepLevers:
     primal: bool = True  # linear-svm: featx's warm-started primal solver (L-BFGS, all classes) instead of liblinear
     gram: bool = True  # rbf-svm: one squared-distance matrix and precomputed kernels for the whole grid
     one_search: bool = True  # knn: one neighbour search for the largest k
-    # linear-svm with n_jobs > 1: while the path goes on, a second thread refits at the best point so far (used only
-    # if it is the final choice; the refit is the same computation either way). Not for logreg: there the two fits
-    # slowed each other down more than the overlap saved (flowers17, clothing10), so its refit stays sequential.
+    # kinds that allow it (linear-svm) with n_jobs > 1: while the path goes on, a second thread refits at the best
+    # point so far (used only if it is the final choice; the refit is the same computation either way)
     speculative_refit: bool = True
     fast_search: bool = True  # knn: float32 GEMM + argpartition per block of queries, not scikit-learn's float64 search
     # Sequential fits with one BLAS/OpenMP thread: on small matrices (thousands of rows x 1280) extra BLAS
@@ -121,6 +120,7 @@ class HeadKind:
     refit: Callable[[np.ndarray, np.ndarray, dict[str, Any], _Ctx], Any] | None = None
     tie_break: str = "first"  # "first": strongest regularisation among ties; "default": closest to the default
     one_thread: bool = True  # sweep and refit with one BLAS thread (lever one_thread); False: one big GEMM gains from more
+    speculative_refit: bool = False  # its path walk may refit beside the sweep (lever speculative_refit, n_jobs > 1)
 
 
 def _logreg_steps() -> tuple[tuple[str, type], ...]:
@@ -237,7 +237,7 @@ def _quiet() -> Iterator[None]:
         with _QUIET_LOCK:
             _quiet_state["depth"] -= 1
             if _quiet_state["depth"] == 0:
-                _quiet_state.pop("cm").__exit__(None, None, None)
+                _quiet_state["cm"].__exit__(None, None, None)
                 _quiet_state["cm"] = None
 
 
@@ -659,6 +659,7 @@ HEAD_KINDS: dict[str, HeadKind] = {
             "StandardScaler + LinearSVC",
             _sweep_linear_svm,
             _refit_linear_svm,
+            speculative_refit=True,  # 1.04-1.28x (bench_heads.md); logreg's two fits slow each other down instead
         ),
         HeadKind(
             "rbf-svm",
@@ -1025,7 +1026,7 @@ def _fit_head_arrays(
             and ctx.levers.speculative_refit
             and ctx.n_jobs > 1
             and ctx.solver == "sklearn"
-            and kind == "linear-svm"
+            and hk.speculative_refit
         )
         else None
     )
@@ -1423,38 +1424,36 @@ def fit_head_streamed(
 
         def labels_of(name: str) -> np.ndarray:
             """The labels of a split's valid rows in the order raw_chunks yields them, without reading features."""
-            out = [np.empty(0, np.int64)]
-            for reader, rows in sources.get(name, []):
-                r = np.flatnonzero(reader.valid) if rows is None else np.sort(rows)
-                out.append(reader.labels[r[reader.valid[r]]])
-            return np.concatenate(out)
+            return np.concatenate([np.empty(0, np.int64)] + [r.labels[r.valid_rows(rows)] for r, rows in sources.get(name, [])])
 
         t0 = time.perf_counter()
         reader0, rows0 = sources["train"][0]
-        tr_rows = np.arange(reader0.n_rows) if rows0 is None else rows0
-        tr_rows = tr_rows[reader0.valid[tr_rows]]
+        tr_rows = reader0.valid_rows(rows0)
         if len(tr_rows) == 0:
             raise UsageError("the training split has no decodable rows")
+        y_tr = reader0.labels[tr_rows]
+        classes = np.unique(y_tr)
+        if len(classes) < 2:
+            raise UsageError("a head needs at least two classes in the training split")
         m = sweep_rows or max(1, STREAM_SWEEP_BYTES // (4 * max(1, d)))
-        sub_rows = _subsample(tr_rows, reader0.labels[tr_rows], m, plan.seed)
+        sub_rows = _subsample(tr_rows, y_tr, m, plan.seed)
         scaler = StandardScaler()
-        ys, sub_X, sub_y = [], [], []
+        sub_X, sub_y = [], []
         for r, Xc, yc in raw_chunks("train"):  # pass 1: scaler statistics and the sweep's subsample
             scaler.partial_fit(Xc)
-            ys.append(yc)
             take = np.isin(r, sub_rows, assume_unique=True)
             if take.any():
                 sub_X.append(Xc[take]), sub_y.append(yc[take])
         shrink_scaler(scaler)
         mean32, scale32 = scaler.mean_.astype(np.float32), scaler.scale_.astype(np.float32)
-        y_tr = np.concatenate(ys)
-        classes = np.unique(y_tr)
-        if len(classes) < 2:
-            raise UsageError("a head needs at least two classes in the training split")
-        X_sub = np.concatenate(sub_X)
+
+        def standardise(Xc: np.ndarray) -> np.ndarray:
+            Xc -= mean32  # the scaler's transform, in place and in float32 (each chunk is its own copy)
+            Xc /= scale32
+            return Xc
+
+        X_sub = standardise(np.concatenate(sub_X))
         del sub_X
-        X_sub -= mean32
-        X_sub /= scale32
         y_sub = np.concatenate(sub_y)
         y_va = labels_of("val")
 
@@ -1463,17 +1462,14 @@ def fit_head_streamed(
                 for name in names:
                     for _, Xc, yc in raw_chunks(name):
                         keep = np.isin(yc, classes)
-                        Xk = Xc if keep.all() else Xc[keep]
-                        Xk -= mean32  # the scaler's transform, in place and in float32 (Xc is this chunk's own copy)
-                        Xk /= scale32
-                        yield Xk, np.searchsorted(classes, yc[keep])
+                        yield standardise(Xc if keep.all() else Xc[keep]), np.searchsorted(classes, yc[keep])
 
             return gen
 
         def predict_split(models: list[tuple[np.ndarray, np.ndarray]], name: str) -> list[np.ndarray]:
             out: list[list[np.ndarray]] = [[] for _ in models]
             for _, Xc, _ in raw_chunks(name):
-                Xs = scaler.transform(Xc)
+                Xs = scaler.transform(Xc)  # exactly what the exported pipeline does, so the metrics are the head's
                 for j, (coef, icpt) in enumerate(models):
                     z = Xs @ coef.T + icpt
                     out[j].append(classes[(z[:, 0] > 0).astype(int)] if z.shape[1] == 1 else classes[z.argmax(axis=1)])
