@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
 POOLED = "pooled"
+# Largest input side featx accepts (px). CNN features are used at 224-1024 px; past a few thousand pixels a single
+# image's activations take gigabytes (see featx.inference.check_forward_memory for the measured memory per pixel).
+MAX_IMAGE_SIZE = 4096
 
 
 @dataclass(frozen=True)
@@ -395,6 +398,14 @@ class EmbedderSpec:
         return f"{self.backbone} ({weights}, sha256 {sha}), layer {self.layer}, {size} px, {self.precision}"
 
 
+def check_image_size(image_size: Any) -> None:
+    """None (the weights' own size) or an int from 16 to :data:`MAX_IMAGE_SIZE`; else a one-line UsageError."""
+    if image_size is not None and (
+        not isinstance(image_size, int) or isinstance(image_size, bool) or not 16 <= image_size <= MAX_IMAGE_SIZE
+    ):
+        raise UsageError(f"--image-size must be an integer from 16 to {MAX_IMAGE_SIZE}, got {image_size!r}")
+
+
 def resolve_embedder(
     backbone: str = DEFAULT_BACKBONE,
     weights: str = "imagenet",
@@ -405,8 +416,7 @@ def resolve_embedder(
 ) -> EmbedderSpec:
     """The :class:`EmbedderSpec` for these options, without building the model (preprocessing unresolved)."""
     name = canonical_name(backbone)
-    if image_size is not None and (not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 16):
-        raise UsageError(f"--image-size must be an integer of at least 16, got {image_size!r}")
+    check_image_size(image_size)
     f = weights_file(name, weights)
     return EmbedderSpec(
         backbone=name,

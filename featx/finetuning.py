@@ -13,9 +13,11 @@ Strategies, compared with frozen-feature heads on the same :class:`SplitPlan` ro
 
 Protocol (the heads' linear-evaluation protocol, Kornblith et al. 2019, applied to fine-tuning):
 
-* ``selection="val"``: train on train, score val after every epoch, keep the best epoch (ties count as progress:
-  a later epoch with equal val accuracy replaces the best and resets the patience). :func:`finetune_search` does
-  this for every point of an lr x weight-decay grid and picks the best val accuracy (ties: first in grid order).
+* ``selection="val"``: train on train, score val (accuracy and log-loss, the mean cross-entropy) after every
+  epoch, keep the best epoch: the highest val accuracy, ties broken by the lower val log-loss, then by the later
+  epoch. Early stopping looks at accuracy only: an epoch with equal val accuracy counts as progress and resets the
+  patience. :func:`finetune_search` does this for every point of an lr x weight-decay grid and picks the point
+  whose chosen epoch has the highest val accuracy (ties: lower val log-loss, then first in grid order).
 * ``final_fit="train+val"`` (default): retrain from the pretrained weights, with the same seed, on train + val
   for exactly the chosen number of epochs, on the same LR schedule (defined over ``epochs`` and stopped at the
   chosen epoch) -- no val scores are looked at -- and score test once. ``final_fit="train"`` scores the
@@ -33,6 +35,16 @@ torch, numpy and ``random`` seeded from ``config.seed``; the train loader's gene
 uninterrupted one would have done on the same machine, device and ``num_workers``. Some CPU and CUDA
 kernels (multi-threaded convolution backward, cuDNN algorithm choice) are not bitwise reproducible, so
 runs on other machines agree closely rather than exactly.
+
+Augmentation (training images only) is ``config.augment``: names from :data:`AUGMENT_REGISTRY` (default: all,
+random resized crop 0.35-1, horizontal flip, shear/zoom), recorded with their parameters in every checkpoint and
+result (``augment``); a resume with other augmentation is refused like any other config change.
+
+What the final model is, recorded in every result: ``backbone_updated`` (its backbone's weights or BatchNorm
+statistics differ from the pretrained ones: false for ``head``, and for an lp-ft run whose val selection kept
+epoch 0, which is the linear probe refit, not a fine-tuned network) and ``fine_tune_epochs`` (the epochs behind
+the final model in which backbone parameters took optimizer steps), both measured on what ran, not read off
+the strategy name.
 
 Progress: a tqdm bar per epoch (``progress``) and one formatted line per epoch on the ``featx.finetuning``
 logger at INFO (:func:`format_epoch_line`); per-step losses and grid details at DEBUG.
@@ -59,9 +71,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from featx import __version__, runtime
-from featx.backbones import DEFAULT_BACKBONE, Backbone, EmbedderSpec, build_backbone, load_torch_file
+from featx.backbones import DEFAULT_BACKBONE, Backbone, EmbedderSpec, build_backbone, check_image_size, load_torch_file
 from featx.data import ImageDataset, ImageFiles, Split, SplitPlan, load_dataset
 from featx.errors import DataError, MismatchError, UsageError
+from featx.inference import FORWARD_MEMORY_FACTOR, TRAINING_MEMORY_FACTOR, check_forward_memory
 from featx.metrics import classification_metrics
 
 if TYPE_CHECKING:
@@ -72,7 +85,19 @@ log = logging.getLogger(__name__)
 
 STRATEGIES = ("full", "partial", "head", "lp-ft")
 OPTIMIZERS = ("sgd", "adamw")
-AUGMENTATIONS = ("random_resized_crop", "hflip", "affine")
+# Training-time augmentations (fine-tuning only: val, test and the lp-ft probe's features use the weights' eval
+# transform). Name -> the torchvision op and its parameters, recorded with them in every checkpoint and result
+# (``augment``). The pipeline order is fixed (crop, flip, affine) whatever order a config lists them in; without
+# "random_resized_crop" images get the eval resize + center crop. Interpolation is the weights' own. The default
+# is all three (every figure so far); "affine" is a shear, which, like "hflip", changes what a digit or a letter
+# looks like: turn them off for such data (``augment=()`` or ``"none"``).
+AUGMENT_REGISTRY: dict[str, dict[str, Any]] = {
+    "random_resized_crop": {"op": "RandomResizedCrop", "scale": [0.35, 1.0], "ratio": [3 / 4, 4 / 3]},
+    "hflip": {"op": "RandomHorizontalFlip", "p": 0.5},
+    "affine": {"op": "RandomAffine", "degrees": 0.0, "shear": 10.0, "scale": [0.9, 1.1]},
+}
+AUGMENTATIONS = tuple(AUGMENT_REGISTRY)
+NO_AUGMENT = "none"
 SELECTIONS = ("val", "rule")
 FINAL_FITS = ("train+val", "train")
 CHECKPOINT_NAME = "checkpoint.pt"  # the selection (or rule) stage
@@ -132,7 +157,7 @@ class FinetuneConfig:
     dropout: float = 0.2
     label_smoothing: float = 0.0
     warmup_epochs: float = 1.0  # linear warm-up then cosine decay, stepped per iteration
-    augment: tuple[str, ...] = AUGMENTATIONS  # any subset; () = none
+    augment: tuple[str, ...] = AUGMENTATIONS  # names from AUGMENT_REGISTRY (any subset); () or "none" = none
     early_stopping_patience: int = 3  # epochs without val-accuracy improvement (ties count as progress); 0 disables
     lp_ft_lr_scale: float = 0.1  # lp-ft: the second stage uses lr * this for every parameter
     # BatchNorm running statistics stay as pretrained (eval mode) while gamma/beta still train: with the
@@ -147,6 +172,7 @@ class FinetuneConfig:
     rule_steps: int | None = None  # selection="rule": optimizer steps (None: RULE_STEPS by dataset size)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "augment", _normalize_augment(self.augment))
         # Resolve the per-optimizer defaults once, so that checkpoints and results record the numbers used.
         if self.lr is None and self.optimizer in DEFAULT_LR:
             object.__setattr__(self, "lr", DEFAULT_LR[self.optimizer])
@@ -178,8 +204,8 @@ class FinetuneConfig:
             check(name, is_num(getattr(self, name)) and 0 <= getattr(self, name) < 1, "in [0, 1)")
         check(
             "augment",
-            isinstance(self.augment, (tuple, list)) and all(a in AUGMENTATIONS for a in self.augment),
-            "a subset of " + ", ".join(map(repr, AUGMENTATIONS)),
+            isinstance(self.augment, tuple) and all(a in AUGMENT_REGISTRY for a in self.augment),
+            "a list of names from " + ", ".join(map(repr, AUGMENTATIONS)) + f", or {NO_AUGMENT!r} alone",
         )
         check("precision", self.precision in runtime.PRECISIONS, "one of " + ", ".join(map(repr, runtime.PRECISIONS)))
         check("channels_last", isinstance(self.channels_last, bool), "a bool")
@@ -192,6 +218,54 @@ class FinetuneConfig:
         d = asdict(self)
         d["augment"] = list(self.augment)
         return d
+
+
+def _normalize_augment(value: Any) -> Any:
+    """``augment`` as given -> a tuple of unique names in pipeline order; ``"none"`` (alone) -> ``()``.
+
+    A string is read as a comma-separated list (what a YAML or CLI value gives). Anything else is returned
+    unchanged for :meth:`FinetuneConfig.validate` to report; unknown names stay in, at the end.
+    """
+    if isinstance(value, str):
+        value = [a.strip() for a in value.split(",") if a.strip()]
+    if not isinstance(value, (tuple, list)) or not all(isinstance(a, str) for a in value):
+        return value
+    names = [a.strip().lower() for a in value]
+    if names == [NO_AUGMENT]:
+        return ()
+    known = tuple(a for a in AUGMENTATIONS if a in names)
+    return known + tuple(dict.fromkeys(a for a in names if a not in AUGMENT_REGISTRY))
+
+
+def augment_record(augment: Sequence[str]) -> list[dict[str, Any]]:
+    """What a checkpoint and a result record about augmentation: each op in pipeline order, with its parameters."""
+    return [{"name": name, **json.loads(json.dumps(AUGMENT_REGISTRY[name]))} for name in _normalize_augment(tuple(augment))]
+
+
+def train_transform(preprocessing: Any, augment: Sequence[str]) -> Callable[[Any], Any]:
+    """PIL image -> normalised tensor with ``augment``'s ops (parameters from :data:`AUGMENT_REGISTRY`).
+
+    With the default list this is the transform of ``Preprocessing.build_transform(train=True)``: same ops, same
+    order, same parameters, so the same random draws give the same images.
+    """
+    from torchvision import transforms as T
+
+    names = _normalize_augment(tuple(augment))
+    interp = T.InterpolationMode(preprocessing.interpolation)
+    ops: list[Any] = []
+    if "random_resized_crop" in names:
+        a = AUGMENT_REGISTRY["random_resized_crop"]
+        ops.append(
+            T.RandomResizedCrop(preprocessing.input_size, scale=tuple(a["scale"]), ratio=tuple(a["ratio"]), interpolation=interp)
+        )
+    else:
+        ops += [T.Resize(preprocessing.resize_size, interpolation=interp), T.CenterCrop(preprocessing.input_size)]
+    if "hflip" in names:
+        ops.append(T.RandomHorizontalFlip(p=AUGMENT_REGISTRY["hflip"]["p"]))
+    if "affine" in names:
+        a = AUGMENT_REGISTRY["affine"]
+        ops.append(T.RandomAffine(degrees=a["degrees"], shear=a["shear"], scale=tuple(a["scale"]), interpolation=interp))
+    return T.Compose([*ops, T.ToTensor(), T.Normalize(preprocessing.mean, preprocessing.std)])
 
 
 _DEFAULT_PLAN = SplitPlan()  # a frozen singleton: safe as a default argument
@@ -218,7 +292,8 @@ def train_one_epoch(
     """One pass over ``loader`` (batches of ``ImageFiles`` items) with one optimizer and scheduler step per batch.
 
     The caller sets train/eval modes (frozen BatchNorm layers must stay in eval). Images that failed to
-    decode are left out of the loss rather than trained on as black squares.
+    decode are left out of the loss rather than trained on as black squares. Returns the mean loss and
+    accuracy, ``images``, ``steps`` (optimizer steps taken) and ``seconds``.
     """
     import torch
 
@@ -261,27 +336,54 @@ def train_one_epoch(
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
-    return {"loss": loss_sum / max(seen, 1), "accuracy": correct / max(seen, 1), "images": seen, "seconds": seconds}
+    return {
+        "loss": loss_sum / max(seen, 1),
+        "accuracy": correct / max(seen, 1),
+        "images": seen,
+        "steps": step - 1,
+        "seconds": seconds,
+    }
 
 
 def evaluate(
     model: nn.Module, loader: Iterable[Any], device: torch.device, precision: str, *, channels_last: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """Predictions in loader order: ``(y_true, y_pred)``; eval mode, no autograd."""
+    y_true, y_pred, _ = _predict(model, loader, device, precision, channels_last=channels_last, log_loss=False)
+    return y_true, y_pred
+
+
+def evaluate_log_loss(
+    model: nn.Module, loader: Iterable[Any], device: torch.device, precision: str, *, channels_last: bool = False
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """:func:`evaluate` plus the log-loss: the mean cross-entropy (natural log, no label smoothing) of the
+    float32 logits over the same images, the ones accuracy counts (NaN or inf when the network diverged)."""
+    y_true, y_pred, loss = _predict(model, loader, device, precision, channels_last=channels_last, log_loss=True)
+    return y_true, y_pred, loss
+
+
+def _predict(
+    model: nn.Module, loader: Iterable[Any], device: torch.device, precision: str, *, channels_last: bool, log_loss: bool
+) -> tuple[np.ndarray, np.ndarray, float]:
     import torch
 
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model.eval()
     y_true: list[np.ndarray] = []
     y_pred: list[np.ndarray] = []
+    nll_sum = 0.0
     with torch.inference_mode():
         for images, labels, _, _ in loader:
             x = images.to(device, non_blocking=True).contiguous(memory_format=fmt)
             with runtime.autocast(device, precision):
                 logits = model(x)
+            if log_loss:
+                y = labels.to(logits.device)
+                nll_sum += float(torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum").item())
             y_true.append(labels.numpy())
             y_pred.append(logits.argmax(1).cpu().numpy())
-    return np.concatenate(y_true), np.concatenate(y_pred)
+    y_all = np.concatenate(y_true)
+    return y_all, np.concatenate(y_pred), nll_sum / max(len(y_all), 1)
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -568,14 +670,8 @@ def _make_loader(bb: Backbone, split: Split, *, train: bool, config: FinetuneCon
     from torch.utils.data import DataLoader
 
     size = bb.preprocessing.input_size
-    augment = {a: a in config.augment for a in AUGMENTATIONS}
-    files = ImageFiles(
-        split.root,
-        split.paths,
-        split.labels,
-        bb.preprocessing.build_transform(train=train, augment=augment),
-        failed_shape=(3, size, size),
-    )
+    transform = train_transform(bb.preprocessing, config.augment) if train else bb.preprocessing.build_transform()
+    files = ImageFiles(split.root, split.paths, split.labels, transform, failed_shape=(3, size, size))
     return DataLoader(
         files,
         batch_size=config.batch_size,
@@ -647,6 +743,11 @@ def _load_checkpoint(path: Path, config: FinetuneConfig, bb: Backbone, rows_key:
             )
     if ckpt.get("rows_key") != rows_key:
         raise MismatchError(f"checkpoint {path} was made on other train/val/test images or labels{hint}")
+    # The names are in the config (checked above); the parameters behind them must match too (checkpoints
+    # written before this record hold the names only).
+    old_aug, new_aug = ckpt.get("augment"), augment_record(config.augment)
+    if old_aug is not None and old_aug != new_aug:
+        raise MismatchError(f"checkpoint {path} was made with augmentation {old_aug!r}, this run has {new_aug!r}{hint}")
     return ckpt
 
 
@@ -655,6 +756,11 @@ def _save_atomic(path: Path, write: Callable[[Path], None]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     os.replace(tmp, path)
+
+
+def _loss_rank(loss: float | None) -> float:
+    """A log-loss for comparisons: lower is better; missing, NaN and infinite ones are the worst (and equal)."""
+    return loss if loss is not None and math.isfinite(loss) else math.inf
 
 
 @dataclass
@@ -667,12 +773,24 @@ class _TrainState:
     best_state: dict[str, Any] | None = None
     epochs_without_improvement: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
+    best_val_log_loss: float | None = None  # val log-loss of the best epoch (None: not measured)
 
-    def consider(self, epoch: int, val_accuracy: float, model: nn.Module) -> None:
-        """Early-stopping bookkeeping. Ties count as progress: a later epoch with equal val accuracy becomes the
-        best and resets the patience, so a warm-up epoch is only kept when it really is the best."""
+    def consider(self, epoch: int, val_accuracy: float, model: nn.Module, val_log_loss: float | None = None) -> None:
+        """Early-stopping bookkeeping and the choice of epoch.
+
+        Best epoch: the highest val accuracy; among equal accuracies the lower val log-loss; among equal (or
+        unmeasured) log-losses the later epoch, so a warm-up epoch is only kept when it really is the best.
+        A NaN or infinite log-loss (a diverged network) ranks below every finite one.
+        Patience: an epoch whose val accuracy is at least the best so far counts as progress (ties included,
+        even when their log-loss is higher) and resets it; the stopping rule looks at accuracy only.
+        """
         if val_accuracy >= self.best_val_accuracy:
-            self.best_val_accuracy, self.best_epoch, self.epochs_without_improvement = val_accuracy, epoch, 0
+            self.epochs_without_improvement = 0
+            tie = val_accuracy == self.best_val_accuracy
+            if tie and val_log_loss is not None and self.best_val_log_loss is not None:
+                if _loss_rank(val_log_loss) > _loss_rank(self.best_val_log_loss):
+                    return
+            self.best_val_accuracy, self.best_val_log_loss, self.best_epoch = val_accuracy, val_log_loss, epoch
             self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         else:
             self.epochs_without_improvement += 1
@@ -834,23 +952,35 @@ def _run_stage(
         if scaler is not None and ckpt["scaler"]:
             scaler.load_state_dict(ckpt["scaler"])
         state = _TrainState(
-            ckpt["epoch"] + 1,
-            ckpt["best_val_accuracy"],
-            ckpt["best_epoch"],
-            ckpt["best_state"],
-            ckpt["epochs_without_improvement"],
-            list(ckpt["history"]),
+            next_epoch=ckpt["epoch"] + 1,
+            best_val_accuracy=ckpt["best_val_accuracy"],
+            best_epoch=ckpt["best_epoch"],
+            best_state=ckpt["best_state"],
+            epochs_without_improvement=ckpt["epochs_without_improvement"],
+            history=list(ckpt["history"]),
+            best_val_log_loss=ckpt.get("best_val_log_loss"),  # None from a checkpoint older than the log-loss
         )
         _set_rng_state(ckpt["rng"])
         resumed_from = state.next_epoch
         log.info("%sresuming from %s after epoch %d", label, ckpt_path, state.next_epoch)
     elif use_val and cfg.strategy == "lp-ft":  # epoch 0: the probe-initialised network is a candidate
         t0 = time.perf_counter()
-        y_true, y_pred = evaluate(model, env.loader("val", train=False, config=cfg), env.device, cfg.precision, channels_last=cl)
+        val_loader = env.loader("val", train=False, config=cfg)
+        y_true, y_pred, val_loss = evaluate_log_loss(model, val_loader, env.device, cfg.precision, channels_last=cl)
         acc = float(np.mean(y_true == y_pred))
-        state.consider(0, acc, model)
+        state.consider(0, acc, model, val_loss)
         state.history.append(
-            {"epoch": 0, "train_loss": None, "train_accuracy": None, "val_accuracy": acc, "lr": 0.0, "images": 0, "seconds": 0.0}
+            {
+                "epoch": 0,
+                "train_loss": None,
+                "train_accuracy": None,
+                "val_accuracy": acc,
+                "val_log_loss": val_loss,
+                "lr": 0.0,
+                "images": 0,
+                "steps": 0,
+                "seconds": 0.0,
+            }
         )
         meta.setdefault("lp_stage", {})["head_val_accuracy"] = acc
         log.info(
@@ -884,16 +1014,18 @@ def _run_stage(
             "train_loss": stats["loss"],
             "train_accuracy": stats["accuracy"],
             "val_accuracy": None,
+            "val_log_loss": None,
             "lr": optimizer.param_groups[-1]["lr"],
             "images": stats["images"],
+            "steps": stats["steps"],
             "seconds": stats["seconds"],
         }
         if use_val:
-            y_true, y_pred = evaluate(
+            y_true, y_pred, entry["val_log_loss"] = evaluate_log_loss(
                 model, env.loader("val", train=False, config=cfg), env.device, cfg.precision, channels_last=cl
             )
             entry["val_accuracy"] = float(np.mean(y_true == y_pred))
-            state.consider(epoch + 1, entry["val_accuracy"], model)
+            state.consider(epoch + 1, entry["val_accuracy"], model, entry["val_log_loss"])
         state.history.append(entry)
         state.next_epoch = epoch + 1
         log.info(
@@ -920,6 +1052,7 @@ def _run_stage(
             "stage": stage,
             "target_epochs": epochs,
             "config": cfg.to_dict(),
+            "augment": augment_record(cfg.augment),
             "embedder": env.bb.spec.to_dict(),
             "rows_key": rows_key,
             "meta": meta,
@@ -933,6 +1066,28 @@ def _run_stage(
         assert state.best_state is not None  # epochs >= 1 is validated, and a checkpoint holds >= 1 epoch
         model.load_state_dict(state.best_state)
     return _StageOutcome(state, model, meta, resumed_from, cfg)
+
+
+def best_grid_index(rows: Sequence[dict[str, Any]]) -> int:
+    """The grid point to keep: highest ``val_accuracy``; ties: lower ``val_log_loss`` (a missing, NaN or infinite
+    one counts as worst), then the first in grid order."""
+
+    def key(i: int) -> tuple[float, float, int]:
+        return (rows[i]["val_accuracy"], -_loss_rank(rows[i].get("val_log_loss")), -i)
+
+    return max(range(len(rows)), key=key)
+
+
+def _backbone_changed(state: dict[str, Any], pretrained: dict[str, Any], *, prefix: str = "") -> bool:
+    """Whether any backbone weight or buffer (BatchNorm statistics included) in ``state`` differs from the
+    pretrained one. ``prefix``: how ``state`` names the backbone's entries (``"backbone."`` in a model state)."""
+    import torch
+
+    for name, value in pretrained.items():
+        now = state.get(prefix + name)
+        if now is None or not torch.equal(now.detach().to("cpu"), value.to("cpu")):
+            return True
+    return False
 
 
 def _point_name(cfg: FinetuneConfig) -> str:
@@ -996,6 +1151,10 @@ def finetune(
     every epoch; ``resume=True`` continues from them (only ``epochs``, ``early_stopping_patience``, ``device`` and
     ``num_workers`` may change; a refit whose epoch count or config changed starts over).
     ``train_rows`` selects positions within the plan's train rows (few-shot draws); val and test stay whole.
+
+    Besides the metrics, the result records ``val_accuracy`` and ``val_log_loss`` of the chosen epoch (None under
+    the rule), ``backbone_updated`` and ``fine_tune_epochs`` of the final model, and ``augment`` (each training
+    augmentation with its parameters).
     """
     return _run(
         dataset,
@@ -1030,12 +1189,14 @@ def finetune_search(
     grid: dict[str, list[float]] | None = None,
 ) -> dict[str, Any]:
     """Tune like the heads: an lr x weight-decay grid for ``config.strategy``, each point trained on train with
-    early stopping on val, the best val accuracy chosen (ties: first in grid order, lr-major), then the final fit
-    with the chosen values and epoch count (see :func:`finetune`). ``grid`` defaults to
+    early stopping on val, the best val accuracy chosen (ties: the lower val log-loss at the chosen epoch, then
+    first in grid order, lr-major; :func:`best_grid_index`), then the final fit with the chosen values and epoch
+    count (see :func:`finetune`). ``grid`` defaults to
     :func:`default_search_grid` for ``config.optimizer`` (the CPU shrink on a CPU device).
 
     Each grid point keeps its checkpoint in ``out_dir/grid/lr<lr>-wd<wd>/``; ``resume=True`` skips finished points.
-    The result is :func:`finetune`'s plus ``grid`` (one row per point) and ``chosen``.
+    The result is :func:`finetune`'s plus ``grid`` (one row per point: ``val_accuracy`` and ``val_log_loss`` at
+    its chosen epoch, ``backbone_updated`` for that epoch's weights, ...) and ``chosen``.
     """
     if grid is None:
         if not isinstance(config, FinetuneConfig):
@@ -1088,8 +1249,7 @@ def _run(
     final_fit = final_fit or ("train" if selection == "rule" else "train+val")
     device = runtime.resolve_device(config.device)
     runtime.check_precision(config.precision, device)
-    if image_size is not None and (not isinstance(image_size, int) or image_size < 16):
-        raise UsageError(f"image_size must be an int >= 16, got {image_size!r}")
+    check_image_size(image_size)
     out = Path(out_dir).expanduser()
     if resume and grid is None and not (out / CHECKPOINT_NAME).is_file():
         raise UsageError(f"resume=True but there is no checkpoint at {out / CHECKPOINT_NAME}")
@@ -1101,6 +1261,8 @@ def _run(
         splits.pop("val")
         positions.pop("val")
     bb = build_backbone(backbone, weights, image_size=image_size)
+    factor = FORWARD_MEMORY_FACTOR if config.strategy == "head" else TRAINING_MEMORY_FACTOR  # head: frozen features
+    check_forward_memory(config.batch_size, bb.preprocessing.input_size, device, "--batch-size", factor=factor)
     prefixes = _trainable_prefixes(config, bb.blocks)
     workers = runtime.default_num_workers() if config.num_workers is None else config.num_workers
     runtime.configure_threads(workers, device)
@@ -1194,6 +1356,8 @@ def _run(
                     "lr": cfg.lr,
                     "weight_decay": cfg.weight_decay,
                     "val_accuracy": o.state.best_val_accuracy,
+                    "val_log_loss": o.state.best_val_log_loss,
+                    "backbone_updated": _backbone_changed(o.state.best_state or {}, env.pretrained, prefix="backbone."),
                     "best_epoch": o.state.best_epoch,
                     "epochs_run": o.state.epochs_run,
                     "still_improving": o.state.best_epoch == o.state.epochs_run == cfg.epochs,
@@ -1203,7 +1367,7 @@ def _run(
                 grid_rows.append(row)
                 if grid is not None:
                     log.info("%sval acc %.3f at epoch %d", label, row["val_accuracy"], row["best_epoch"])
-                if chosen is None or o.state.best_val_accuracy > chosen.state.best_val_accuracy:  # ties: first in grid order
+                if best_grid_index(grid_rows) == i:  # ties: lower val log-loss, then first in grid order
                     chosen = o
             assert chosen is not None
             cfg = chosen.config
@@ -1246,6 +1410,18 @@ def _run(
     fit_rows = _row_pairs(*positions["train"]) + (_row_pairs(*positions["val"]) if fit_name == "fit" else [])
     use_val = selection == "val"
     epochs_budget = cfg.epochs
+    # What trained the final model, from what ran: the refit's epochs, or the selection run's up to the chosen one
+    # (lp-ft's epoch 0 = the probe alone), or the rule's. The backbone trained in those epochs that took an
+    # optimizer step while it had trainable parameters; it is "updated" when its weights or BatchNorm statistics
+    # differ from the pretrained ones.
+    if final_outcome is not None:
+        final_model_history = final_outcome.state.history
+    else:
+        last = state.best_epoch if use_val else state.epochs_run
+        final_model_history = [h for h in state.history if 1 <= h["epoch"] <= last]
+    backbone_trainable = any(p.requires_grad for p in model.backbone.parameters())
+    fine_tune_epochs = sum(1 for h in final_model_history if h.get("steps", h["images"]) > 0) if backbone_trainable else 0
+    backbone_updated = _backbone_changed(model.backbone.state_dict(), env.pretrained)
     result: dict[str, Any] = {
         "strategy": config.strategy,
         "embedder": bb.spec.to_dict(),
@@ -1267,6 +1443,10 @@ def _run(
         "test_predictions": [int(v) for v in y_pred],
         "test_labels": [int(v) for v in y_true],
         "val_accuracy": state.best_val_accuracy if use_val else None,
+        "val_log_loss": state.best_val_log_loss if use_val else None,
+        "backbone_updated": backbone_updated,
+        "fine_tune_epochs": fine_tune_epochs,
+        "augment": augment_record(cfg.augment),
         "best_epoch": state.best_epoch if use_val else state.epochs_run,
         "epochs_run": state.epochs_run,
         "epochs_budget": epochs_budget,
@@ -1300,6 +1480,8 @@ def _run(
             "lr": cfg.lr,
             "weight_decay": cfg.weight_decay,
             "epochs": state.best_epoch,
+            "val_accuracy": state.best_val_accuracy,
+            "val_log_loss": state.best_val_log_loss,
         }
         result["at_grid_edge"] = len(lrs) > 1 and cfg.lr in (lrs[0], lrs[-1])
         result["train_seconds"] = sum(r["seconds"] for r in grid_rows) + sum(

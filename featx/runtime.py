@@ -83,6 +83,42 @@ def configure_threads(num_workers: int, device: Any) -> None:
         torch.set_num_threads(max(1, usable_cores() - max(0, num_workers)))
 
 
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as fh:
+            text = fh.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def available_memory_bytes(device: Any) -> int | None:
+    """Memory a new allocation can still get: the CUDA device's free memory, or on the CPU the smaller of the
+    kernel's ``MemAvailable`` and what the cgroup limit leaves (v2 ``memory.max``, v1 ``limit_in_bytes``).
+    None where it cannot be told."""
+    if getattr(device, "type", str(device)).startswith("cuda"):
+        import torch
+
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    candidates = []
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    candidates.append(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
+        limit, usage = _read_int(limit_file), _read_int(usage_file)
+        if limit is not None and usage is not None and limit < 2**60:
+            candidates.append(max(0, limit - usage))
+    return min(candidates) if candidates else None
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process, MiB (DataLoader workers are separate processes).
 

@@ -14,6 +14,7 @@ import logging
 import re
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -28,14 +29,18 @@ from featx.backbones import build_backbone
 from featx.data import SplitPlan, load_dataset, sample_per_class
 from featx.errors import MismatchError, UsageError
 from featx.finetuning import (
+    AUGMENTATIONS,
     FinetuneConfig,
+    _make_loader,
     _TrainState,
+    best_grid_index,
     finetune,
     finetune_search,
     fit_probe_fixed_c,
     format_epoch_line,
     hyper_rule,
     train_one_epoch,
+    train_transform,
 )
 
 BACKBONE = "timm:resnet10t"
@@ -94,6 +99,21 @@ def load_ckpt(out_dir: Path) -> dict[str, Any]:
     return torch.load(out_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
 
 
+def _val_loss_and_accuracy(state: dict[str, torch.Tensor], dataset: Path) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy on the val images of a saved model state, computed here from the files."""
+    bb = build_backbone(BACKBONE, WEIGHTS, image_size=SIZE)
+    model = nn.Sequential(OrderedDict(backbone=bb.model, head=nn.Sequential(nn.Dropout(0.2), nn.Linear(bb.feature_dim, 3))))
+    model.load_state_dict(state)
+    model.eval()
+    val = load_dataset(dataset).split("val")
+    tf = bb.preprocessing.build_transform()
+    x = torch.stack([tf(Image.open(val.root / p).convert("RGB")) for p in val.paths])
+    y = torch.from_numpy(val.labels)
+    with torch.no_grad():
+        logits = model(x)
+    return nn.functional.cross_entropy(logits, y).item(), float((logits.argmax(1) == y).float().mean())
+
+
 def initial_backbone_state() -> dict[str, torch.Tensor]:
     bb = build_backbone(BACKBONE, WEIGHTS, image_size=SIZE)  # weights "none" are seeded: same init every time
     return {f"backbone.{k}": v.clone() for k, v in bb.model.state_dict().items()}
@@ -108,7 +128,15 @@ def test_full_finetune_beats_chance_and_writes_result(colours: Path, tmp_path: P
     assert res["trainable_params"] == res["total_params"] > 0
     assert res["train_images_per_s"] > 0 and res["peak_memory_mb"] > 0 and res["lp_stage"] is None
     assert json.loads((tmp_path / "result.json").read_text()) == json.loads(json.dumps(res))
-    assert load_ckpt(tmp_path)["epoch"] == 3
+    ckpt = load_ckpt(tmp_path)
+    assert ckpt["epoch"] == 3
+    # val log-loss: recomputed from the saved weights of the chosen epoch, beside val accuracy everywhere
+    best = next(h for h in res["history"] if h["epoch"] == res["best_epoch"])
+    assert res["val_log_loss"] == best["val_log_loss"] == ckpt["best_val_log_loss"]
+    assert all(h["val_log_loss"] > 0 for h in res["history"])
+    loss, acc = _val_loss_and_accuracy(ckpt["best_state"], colours)
+    assert acc == res["val_accuracy"] and res["val_log_loss"] == pytest.approx(loss, rel=1e-5)
+    assert res["backbone_updated"] is True and res["fine_tune_epochs"] == res["best_epoch"] >= 1
 
 
 def test_early_stopping_scores_test_with_best_weights(colours: Path, tmp_path: Path) -> None:
@@ -193,7 +221,9 @@ def test_partial_freezes_all_but_last_block_and_frozen_bn_stats(colours: Path, t
 
 def test_freeze_bn_stats_keeps_every_running_statistic_but_trains_bn_affine(colours: Path, tmp_path: Path) -> None:
     start = initial_backbone_state()
-    run(colours, tmp_path, strategy="full", epochs=1)  # freeze_bn_stats defaults to True
+    res = run(colours, tmp_path, strategy="full", epochs=1)  # freeze_bn_stats defaults to True
+    assert res["backbone_updated"] is True and res["fine_tune_epochs"] == 1  # full, one epoch: a fine-tuned backbone
+    assert res["history"][0]["steps"] == 3  # 24 images at batch 8
     after = load_ckpt(tmp_path)["model"]
     stats = [k for k in start if k.endswith(("running_mean", "running_var"))]
     assert stats and all(torch.equal(after[k], start[k]) for k in stats)
@@ -227,6 +257,7 @@ def test_head_trains_only_the_linear_layer(colours: Path, tmp_path: Path) -> Non
     res = run(colours, tmp_path, strategy="head", epochs=2)
     after = load_ckpt(tmp_path)["model"]
     assert res["trainable_params"] == 512 * 3 + 3
+    assert res["backbone_updated"] is False and res["fine_tune_epochs"] == 0 and res["best_epoch"] >= 1  # the head trained
     assert all(torch.equal(after[k], v) for k, v in start.items())  # incl. BN running stats
     momentum = load_ckpt(tmp_path)["optimizer"]["state"]
     assert len(momentum) == 2 and all(s["momentum_buffer"].abs().sum() > 0 for s in momentum.values())
@@ -241,6 +272,8 @@ def test_lp_ft_initialises_head_from_probe(colours: Path, tmp_path: Path) -> Non
     assert res["history"][0]["epoch"] == 0 and res["history"][0]["val_accuracy"] == lp["val_accuracy"]
     assert res["trainable_params"] == res["total_params"]
     assert res["wall_seconds"] > lp["seconds"] + res["train_seconds"]
+    # whichever epoch val kept, the record says whether the final model is a fine-tuned network or the probe
+    assert res["backbone_updated"] is (res["best_epoch"] >= 1) and res["fine_tune_epochs"] == res["best_epoch"]
 
 
 @pytest.mark.parametrize("n_classes", [2, 3])
@@ -342,6 +375,8 @@ def test_usage_and_mismatch_errors(colours: Path, tmp_path: Path) -> None:
     run(colours, tmp_path, strategy="head", epochs=1)
     with pytest.raises(MismatchError, match=r"lr=0\.05, this run has lr=0\.1"):
         run(colours, tmp_path, resume=True, strategy="head", epochs=2, lr=0.1)
+    with pytest.raises(MismatchError, match=r"augment=\['random_resized_crop', 'hflip', 'affine'\], this run has augment=\[\]"):
+        run(colours, tmp_path, resume=True, strategy="head", epochs=2, augment="none")
     with pytest.raises(MismatchError, match="32 px"):
         run(colours, tmp_path, resume=True, strategy="head", epochs=2, image_size=48)
 
@@ -430,10 +465,18 @@ def test_lp_ft_epoch_zero_is_a_candidate(colours: Path, tmp_path: Path) -> None:
     probe = fit_linear_probe(X["train"], ds.split("train").labels, X["val"], ds.split("val").labels, n_classes=3)
     assert probe.C == lp["C"]
     assert res["test_predictions"] == np.argmax(X["test"] @ probe.coef.T + probe.intercept, axis=1).tolist()
+    # a "fine-tuning" result that is a linear probe says so, although the selection run did train the backbone
+    assert res["backbone_updated"] is False and res["fine_tune_epochs"] == 0
+    assert all(h["steps"] > 0 for h in res["history"][1:])
+    # val log-loss of epoch 0 = the probe's cross-entropy on frozen val features, recomputed here
+    logits = torch.from_numpy(X["val"] @ probe.coef.T + probe.intercept).double()
+    probe_loss = nn.functional.cross_entropy(logits, torch.from_numpy(ds.split("val").labels)).item()
+    assert res["val_log_loss"] == res["history"][0]["val_log_loss"] == pytest.approx(probe_loss, rel=1e-4)
 
     refit = run(colours, tmp_path / "tv", strategy="lp-ft", epochs=2, lr=500.0, lp_ft_lr_scale=1.0, final_fit="train+val")
     assert refit["best_epoch"] == 0 and refit["final_epochs"] == 0 and refit["n_fit"] == 36  # the probe refit on train+val
     assert refit["lp_stage"]["final_n_fit"] == 36 and refit["lp_stage"]["final_C"] == lp["C"]
+    assert refit["backbone_updated"] is False and refit["fine_tune_epochs"] == 0 and refit["val_log_loss"] == res["val_log_loss"]
 
 
 def test_search_selects_on_val_only(colours: Path, tmp_path: Path) -> None:
@@ -462,9 +505,12 @@ def test_search_selects_on_val_only(colours: Path, tmp_path: Path) -> None:
     assert a["chosen"] == b["chosen"] and a["test_predictions"] == b["test_predictions"]
     assert a["test_labels"] != b["test_labels"]  # the test labels really differed
     best = max(r["val_accuracy"] for r in a["grid"])
-    first = next(r for r in a["grid"] if r["val_accuracy"] == best)  # ties: first in grid order
+    tied = [r for r in a["grid"] if r["val_accuracy"] == best]
+    first = min(tied, key=lambda r: r["val_log_loss"])  # ties: lower val log-loss (min keeps the first of equals)
     assert (a["chosen"]["lr"], a["chosen"]["weight_decay"]) == (first["lr"], first["weight_decay"])
     assert a["val_accuracy"] == best and a["config"]["lr"] == first["lr"]
+    assert a["val_log_loss"] == a["chosen"]["val_log_loss"] == first["val_log_loss"]
+    assert all(r["backbone_updated"] is True and r["best_epoch"] == 1 for r in a["grid"])
     assert (tmp_path / "0" / "grid" / "lr0.003-wd0" / "checkpoint.pt").is_file()
     with pytest.raises(UsageError, match="grid"):
         finetune_search(colours, config=FinetuneConfig(**FAST), out_dir=tmp_path / "x", grid={"lr": [0.0]})
@@ -577,3 +623,101 @@ def test_digits_searched_finetuning_beats_the_linear_probe(tmp_path: Path) -> No
     probe_acc = float(np.mean(np.argmax(X["test"] @ probe.coef.T + probe.intercept, axis=1) == y["test"]))
     assert res["n_fit"] == 400 and res["final_fit"] == "train+val"
     assert res["metrics"]["accuracy"] > probe_acc, (res["metrics"]["accuracy"], probe_acc, res["grid"])
+
+
+# --------------------------------------------------------------------------------------------------
+# What a result must say (issue 21): backbone updated or not, val log-loss, augmentation
+
+
+def test_epoch_choice_breaks_accuracy_ties_by_val_log_loss() -> None:
+    model = nn.Linear(2, 2)
+    state = _TrainState()
+    for epoch, (acc, loss) in enumerate([(0.5, 0.9), (0.7, 0.6), (0.7, 0.4), (0.7, 0.5), (0.7, 0.4)], start=1):
+        with torch.no_grad():
+            model.bias.fill_(epoch)
+        state.consider(epoch, acc, model, loss)
+    assert state.best_epoch == 5 and state.best_val_log_loss == 0.4  # lower loss wins a tie; equal loss: the later epoch
+    assert torch.equal(state.best_state["bias"], torch.full((2,), 5.0))
+    assert state.epochs_without_improvement == 0  # epoch 4 (tied accuracy, higher loss) still counted as progress
+    state.consider(6, 0.7, model, float("nan"))  # a diverged epoch never wins a tie
+    assert state.best_epoch == 5
+
+
+def test_grid_choice_breaks_accuracy_ties_by_val_log_loss() -> None:
+    rows = [
+        {"val_accuracy": 0.8, "val_log_loss": 0.3},
+        {"val_accuracy": 0.9, "val_log_loss": 0.5},
+        {"val_accuracy": 0.9, "val_log_loss": 0.4},
+        {"val_accuracy": 0.9, "val_log_loss": 0.4},
+    ]
+    assert best_grid_index(rows) == 2  # highest accuracy, then lower log-loss, then first in grid order
+    assert best_grid_index([{"val_accuracy": 0.9, "val_log_loss": None}, {"val_accuracy": 0.9, "val_log_loss": 2.0}]) == 1
+    assert best_grid_index([{"val_accuracy": 0.9}, {"val_accuracy": 0.9}]) == 0  # rows without a log-loss: grid order
+    assert best_grid_index([{"val_accuracy": 0.9, "val_log_loss": float("nan")}, {"val_accuracy": 0.9, "val_log_loss": 9.0}]) == 1
+
+
+def test_augment_setting_is_normalised_and_validated() -> None:
+    assert FinetuneConfig().augment == AUGMENTATIONS == ("random_resized_crop", "hflip", "affine")  # the default: unchanged
+    assert all(FinetuneConfig(augment=none).augment == () for none in ("none", ["none"], ("NONE",), []))
+    assert FinetuneConfig(augment="hflip, random_resized_crop").augment == ("random_resized_crop", "hflip")  # pipeline order
+    assert FinetuneConfig(augment=["hflip", "random_resized_crop"]) == FinetuneConfig(augment=("random_resized_crop", "hflip"))
+    for bad in (("rotate",), ["hflip", "shear"], "none,hflip", [3]):
+        with pytest.raises(UsageError, match=r"^The 'augment' parameter of FinetuneConfig must be a list of names from") as err:
+            FinetuneConfig(augment=bad).validate()
+        assert "\n" not in str(err.value)
+
+
+def test_default_augmentation_is_the_transform_every_earlier_figure_used() -> None:
+    """The registry's default pipeline draws the same images as ``Preprocessing.build_transform(train=True)``."""
+    pre = build_backbone(BACKBONE, WEIGHTS, image_size=SIZE).preprocessing
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 40, 3), dtype=np.uint8))
+    for names in (AUGMENTATIONS, ("hflip",), ()):
+        reference = pre.build_transform(train=True, augment={a: a in names for a in AUGMENTATIONS})
+        ours = train_transform(pre, names)
+        for seed in range(4):
+            torch.manual_seed(seed)
+            expected = reference(img)
+            torch.manual_seed(seed)
+            assert torch.equal(ours(img), expected), (names, seed)
+
+
+def _epoch_images(dataset: Path, augment: Any, torch_seed: int, epoch: int) -> dict[int, torch.Tensor]:
+    """One training epoch's images as the training loop draws them, by image index."""
+    bb = build_backbone(BACKBONE, WEIGHTS, image_size=SIZE)
+    cfg = FinetuneConfig(**{**FAST, "augment": augment})
+    loader = _make_loader(bb, load_dataset(dataset).split("train"), train=True, config=cfg, workers=0, device=torch.device("cpu"))
+    torch.manual_seed(torch_seed)
+    loader.generator.manual_seed(cfg.seed * 100_003 + epoch)
+    return {int(i): x for images, _, index, _ in loader for i, x in zip(index, images)}
+
+
+def test_augment_none_gives_identical_training_images_across_runs(colours: Path) -> None:
+    def same(a: dict[int, torch.Tensor], b: dict[int, torch.Tensor]) -> bool:
+        return a.keys() == b.keys() and all(torch.equal(a[i], b[i]) for i in a)
+
+    none = [_epoch_images(colours, "none", seed, epoch) for seed, epoch in ((0, 0), (1, 1))]
+    assert same(*none)  # other RNG state, other epoch: the same pixels
+    val_tf = build_backbone(BACKBONE, WEIGHTS, image_size=SIZE).preprocessing.build_transform()
+    train = load_dataset(colours).split("train")
+    assert torch.equal(none[0][0], val_tf(Image.open(train.root / train.paths[0]).convert("RGB")))  # the eval transform
+    default = [_epoch_images(colours, AUGMENTATIONS, seed, epoch) for seed, epoch in ((0, 0), (1, 1), (0, 0))]
+    assert not any(torch.equal(default[0][i], default[1][i]) for i in default[0])  # augmented: every image differs
+    assert same(default[0], default[2])  # ... and is reproducible from the seeds
+
+
+def test_augment_is_recorded_in_result_and_checkpoint(colours: Path, tmp_path: Path) -> None:
+    res = run(colours, tmp_path / "none", strategy="head", epochs=1, augment="none")
+    assert res["augment"] == [] == res["config"]["augment"] and load_ckpt(tmp_path / "none")["augment"] == []
+    res = run(colours, tmp_path / "flip", strategy="head", epochs=1, augment=["random_resized_crop", "hflip"])
+    assert res["config"]["augment"] == ["random_resized_crop", "hflip"]
+    assert res["augment"] == load_ckpt(tmp_path / "flip")["augment"]
+    crop, flip = res["augment"]
+    assert crop == {"name": "random_resized_crop", "op": "RandomResizedCrop", "scale": [0.35, 1.0], "ratio": [0.75, 4 / 3]}
+    assert flip == {"name": "hflip", "op": "RandomHorizontalFlip", "p": 0.5}
+    assert json.loads((tmp_path / "flip" / "result.json").read_text())["augment"] == res["augment"]
+    # a checkpoint whose augmentation parameters differ (other featx) is refused like any other config change
+    ckpt = load_ckpt(tmp_path / "flip")
+    ckpt["augment"][0]["scale"] = [0.08, 1.0]
+    torch.save(ckpt, tmp_path / "flip" / "checkpoint.pt")
+    with pytest.raises(MismatchError, match="augmentation"):
+        run(colours, tmp_path / "flip", resume=True, strategy="head", epochs=2, augment=["random_resized_crop", "hflip"])
