@@ -4,34 +4,45 @@ Pure rendering: this module reads the dict that ``featx bench`` produces and nev
 report can be rebuilt from ``results.json`` alone (and tests need no torch). Every sentence in the
 report is computed from the numbers; where the numbers cannot support a conclusion the text says so.
 
-The protocol the report enforces (issue 12):
+The protocol the report enforces (issues 12 and 21):
 
 * **Selection never sees test.** The best head, the best fine-tuning strategy and the best layer are the
-  rows with the highest ``val_accuracy`` (ties: the first in the rows' order, i.e. the grid's order). Test
-  accuracy is shown for every row but chooses nothing; a row without ``val_accuracy`` cannot be chosen.
+  rows with the highest ``val_accuracy``; ties go to the lower ``val_log_loss`` where every tied row has one,
+  else to the first in the rows' order (the grid's order). Test accuracy is shown for every row but chooses
+  nothing; a row without ``val_accuracy`` cannot be chosen. When the layer-wise probe ran, the features
+  family's choice includes its layers. A choice decided by one val image or less is said next to the verdict,
+  with what the runner-up would have given.
 * **A paired verdict.** The chosen head and the chosen fine-tuning run predicted the same test images
   (``test_positions``), so they are compared with ``featx.metrics.paired_comparison``: the accuracy
-  difference with a paired bootstrap interval, McNemar's exact test, and the smallest difference this
-  test set could detect.
-* **The budget is named.** A fine-tuning run whose best epoch was its last with the epoch budget spent
-  (``still_improving``), or a chosen hyper-parameter on the edge of its grid (``at_grid_edge``), is said
-  next to the verdict with what to run to settle it.
+  difference with an interval computed from the counts (no seed: the printed ends never move) that never
+  disagrees with McNemar's exact test, and the smallest difference this test set could detect. With several
+  datasets the p-values are also Holm-adjusted across the report.
+* **A probe is not fine-tuning.** A fine-tuning run whose chosen model never updated the backbone (LP-FT
+  keeping its epoch-0 probe, the ``head`` strategy) is said to have added nothing at this budget; the run that
+  did train and came closest is shown with its paired result, for reference.
+* **The budget is named.** A fine-tuning run (or grid point) whose best epoch was its last with the epoch
+  budget spent (``still_improving``), or a chosen hyper-parameter on the edge of its grid (any grid of two
+  values or more), is said next to the verdict with what to run to settle it; the summary applies one
+  follow-up rule to every dataset where that happens.
 
 Input schema (optional parts may be missing; a row with ``status == "failed"`` carries only ``error``)::
 
     {"meta": {featx_version, created_at, command, machine, quick, budget_notes: [str],
+              code?: {featx_version, source_sha256}, stale_cells?: [{cell, changed: [str]}],
               protocol?: {final_fit, selection, fewshot_selection, fewshot_draws_heads, fewshot_draws_finetune,
                           finetune_grid, finetune_epochs?, costs, ... (any other key is listed as is)}},
-     "datasets": {name: {backbone, classes, splits: {split: str}, images_per_class_all?, test_labels?,
+     "datasets": {name: {backbone, classes, splits: {split: str}, images_per_class_all?, n_fit?, test_labels?,
                          extraction?: {seconds, images_per_s, n_images, peak_memory_mb},
-                         rows: [{family, strategy, accuracy, accuracy_ci95, macro_f1, val_accuracy?,
-                                 wall_seconds, extract_seconds?, fit_seconds?, peak_memory_mb, memory_kind,
+                         rows: [{family, strategy, accuracy, accuracy_ci95, macro_f1, val_accuracy?, val_log_loss?,
+                                 n_val?, wall_seconds, extract_seconds?, fit_seconds?, peak_memory_mb, memory_kind,
                                  trainable_params, n_fit?, final_fit?, hyperparameters?, at_grid_edge?, sweep?,
-                                 best_epoch?, epochs_run?, epochs_budget?, still_improving?, grid?,
+                                 best_epoch?, epochs_run?, epochs_budget?, still_improving?, grid?, augment?,
+                                 backbone_updated?, fine_tune_epochs?,
                                  test_positions?, test_predictions?, test_labels?, status?, error?}],
-                         fewshot?: [{method, shots: int | "all", draw, accuracy, family?, selection?}],
+                         fewshot?: [{method, shots: int | "all", draw, accuracy, family?, selection?, n_fit?}],
                          fewshot_skipped?: [str],
-                         layerwise?: [{layer, depth, dim, accuracy, val_accuracy?, macro_f1?}]}}}
+                         layerwise?: [{layer, depth, dim, accuracy, val_accuracy?, val_log_loss?, macro_f1?,
+                                       test_predictions?, test_positions?, test_labels?}]}}}
 """
 
 from __future__ import annotations
@@ -48,6 +59,7 @@ from typing import Any
 import numpy as np
 
 from featx.errors import MismatchError, UsageError
+from featx.metrics import holm_adjust, paired_comparison, wilson_interval
 
 DPI = 150
 FEATURES = "features"
@@ -109,7 +121,12 @@ def _plot_jobs(ds: Mapping[str, Any]) -> list[tuple[str, Any, Any, dict[str, Any
         extraction = (ds.get("extraction") or {}).get("seconds")
         jobs.append(("accuracy_vs_time", plot_accuracy_vs_time, rows, {"extraction_seconds": extraction}))
     if _fewshot_stats(ds.get("fewshot") or []):
-        extra = {"images_per_class_all": ds.get("images_per_class_all"), "chance": chance}
+        extra = {
+            "images_per_class_all": ds.get("images_per_class_all"),
+            "chance": chance,
+            "all_per_class": _all_per_class(ds),
+            "probe_at_all": _probe_methods(ds),
+        }
         jobs.append(("fewshot", plot_fewshot, ds.get("fewshot") or [], extra))
     if _layer_points(ds.get("layerwise") or []):
         jobs.append(("layerwise", plot_layerwise, ds.get("layerwise") or [], {"chance": chance}))
@@ -117,23 +134,92 @@ def _plot_jobs(ds: Mapping[str, Any]) -> list[tuple[str, Any, Any, dict[str, Any
 
 
 def select_on_val(items: Iterable[Mapping[str, Any]]) -> Mapping[str, Any] | None:
-    """The item with the highest ``val_accuracy``; ties go to the first in the given order.
+    """The item with the highest ``val_accuracy``; ties go to the lower ``val_log_loss`` when every tied item
+    has one, else to the first in the given order.
 
     Items without a finite ``val_accuracy`` (or failed rows) are never chosen: test accuracy is not a
     fallback, because choosing on test makes the reported test score optimistic.
     """
-    best = None
-    for item in items:
-        if item.get("status") == "failed" or not _is_num(item.get("val_accuracy")):
-            continue
-        if best is None or float(item["val_accuracy"]) > float(best["val_accuracy"]):
-            best = item
-    return best
+    ranked = rank_on_val(items)
+    return ranked[0] if ranked else None
+
+
+def rank_on_val(items: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Items ordered as the selection rule prefers them: val accuracy (higher first), then, within an exact tie,
+    val log-loss (lower first) when every tied item has one, then the given order. Items that cannot be
+    chosen (failed, no finite val accuracy) are left out."""
+    pool = [it for it in items if it.get("status") != "failed" and _is_num(it.get("val_accuracy"))]
+    ranked = sorted(pool, key=lambda it: -_val_key(it))  # stable: the given order within a tie
+    out: list[Mapping[str, Any]] = []
+    i = 0
+    while i < len(ranked):
+        j = i
+        while j < len(ranked) and _val_key(ranked[j]) == _val_key(ranked[i]):
+            j += 1
+        group = ranked[i:j]
+        if len(group) > 1 and all(_is_num(g.get("val_log_loss")) for g in group):
+            group = sorted(group, key=lambda g: float(g["val_log_loss"]))
+        out += group
+        i = j
+    return out
+
+
+def choice_detail(items: Iterable[Mapping[str, Any]], *, n_val: int | None = None) -> dict[str, Any] | None:
+    """How a val choice was made: ``{"chosen", "runner_up", "tied", "decided_by", "margin", "margin_images",
+    "n_val", "close"}``, or None when nothing can be chosen.
+
+    ``tied``: the items level with the chosen one on val accuracy; ``decided_by``: ``"val accuracy"``,
+    ``"val log-loss"`` or ``"order"`` (an exact tie with no log-loss to break it: the grid's order decided);
+    ``margin_images``: the val-accuracy margin over the runner-up in val images (needs ``n_val``, from the rows
+    or the argument); ``close``: the choice was decided by one val image or less.
+    """
+    ranked = rank_on_val(items)
+    if not ranked:
+        return None
+    chosen = ranked[0]
+    runner = ranked[1] if len(ranked) > 1 else None
+    tied = [it for it in ranked[1:] if _val_key(it) == _val_key(chosen)]
+    decided = "val accuracy"
+    if tied:
+        losses = [chosen.get("val_log_loss"), *(t.get("val_log_loss") for t in tied)]
+        decided = "val log-loss" if all(_is_num(v) for v in losses) and float(losses[0]) < float(losses[1]) else "order"
+    nv = _n_val(chosen) or n_val
+    margin = None if runner is None else float(chosen["val_accuracy"]) - float(runner["val_accuracy"])
+    margin_images = None if margin is None or not nv else int(round(margin * nv))
+    close = runner is not None and (bool(tied) or (margin_images is not None and margin_images <= 1))
+    return {
+        "chosen": chosen,
+        "runner_up": runner,
+        "tied": tied,
+        "decided_by": decided,
+        "margin": margin,
+        "margin_images": margin_images,
+        "n_val": nv,
+        "close": close,
+        "ranked": ranked,
+    }
+
+
+def backbone_updated(row: Mapping[str, Any]) -> bool | None:
+    """Whether the model a fine-tuning row reports ever updated the backbone: the row's ``backbone_updated``
+    when recorded; else False for the ``head`` strategy (a linear layer on the frozen backbone) and for a
+    chosen fine-tuning epoch count of 0 (``fine_tune_epochs``, else the chosen ``epochs``, else ``best_epoch``:
+    LP-FT keeping its epoch-0 probe); None when nothing says. Feature heads never update it."""
+    flag = row.get("backbone_updated")
+    if isinstance(flag, (bool, np.bool_)):
+        return bool(flag)
+    if row.get("family") != FINETUNE:
+        return False
+    if str(row.get("strategy")) == "head":
+        return False
+    epochs = _fine_tune_epochs(row)
+    return None if epochs is None else epochs > 0
 
 
 def selections(dataset_result: Mapping[str, Any]) -> dict[str, Any]:
     """Every choice the report makes for one dataset, all on val: ``{"head", "finetune", "layer",
-    "fewshot_head", "fewshot_finetune"}`` (names, or None where nothing could be chosen)."""
+    "fewshot_head", "fewshot_finetune"}`` (names, or None where nothing could be chosen). ``head`` is the
+    choice among the heads on the pooled features; :func:`family_choices` adds the layers to it."""
     rows = [r for r in dataset_result.get("rows") or [] if _row_ok(r)]
     head = select_on_val(r for r in rows if r.get("family") == FEATURES)
     tune = select_on_val(r for r in rows if r.get("family") == FINETUNE)
@@ -148,37 +234,97 @@ def selections(dataset_result: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def compare_chosen(dataset_result: Mapping[str, Any], *, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
-    """Paired comparison of the val-chosen fine-tuning run (a) against the val-chosen head (b).
-
-    Returns ``{"head", "finetune", "paired"}`` where ``paired`` is ``featx.metrics.paired_comparison``'s dict
-    (``diff`` = fine-tuning − head) or None, with ``"why"`` saying what was missing. Raises
-    ``MismatchError`` when the two rows were scored on different test images or with different labels.
-    """
+def family_choices(dataset_result: Mapping[str, Any]) -> dict[str, dict[str, Any] | None]:
+    """:func:`choice_detail` for ``"head"`` (heads on the pooled features), ``"features"`` (those heads and,
+    when the layer-wise probe ran, a logistic-regression probe per layer), ``"finetune"`` (every fine-tuning
+    strategy) and ``"trained"`` (only the fine-tuning runs that updated the backbone)."""
     rows = [r for r in dataset_result.get("rows") or [] if _row_ok(r)]
-    head = select_on_val(r for r in rows if r.get("family") == FEATURES)
-    tune = select_on_val(r for r in rows if r.get("family") == FINETUNE)
-    out: dict[str, Any] = {"head": head, "finetune": tune, "paired": None, "why": None}
+    heads = [r for r in rows if r.get("family") == FEATURES]
+    tunes = [r for r in rows if r.get("family") == FINETUNE]
+    n_val = next((_n_val(r) for r in rows if _n_val(r)), None)
+    return {
+        "head": choice_detail(heads, n_val=n_val),
+        "features": choice_detail([*heads, *_layer_candidates(dataset_result, heads)], n_val=n_val),
+        "finetune": choice_detail(tunes, n_val=n_val),
+        "trained": choice_detail([r for r in tunes if backbone_updated(r) is not False], n_val=n_val),
+    }
+
+
+def compare_chosen(dataset_result: Mapping[str, Any], *, n_boot: int = 0, seed: int = 0) -> dict[str, Any]:
+    """Paired comparison of the val-chosen fine-tuning run (a) against the val-chosen features model (b).
+
+    Returns a dict with ``"head"`` (the features model in the paired test: the chosen layer probe when it
+    carries per-image test predictions, else the head chosen on the pooled features), ``"finetune"`` (the chosen
+    fine-tuning row) and ``"paired"`` (``featx.metrics.paired_comparison``'s dict, ``diff`` = fine-tuning −
+    head, or None with ``"why"`` saying what was missing); and also ``"features"`` (the features family's choice,
+    possibly a layer probe), ``"pooled_head"``, ``"layer_unpaired"`` (a layer probe was chosen but cannot be
+    paired), ``"pooled_paired"`` (fine-tuning against the pooled head when the layer probe was paired),
+    ``"probe_kept"`` (the chosen fine-tuning model never updated the backbone), ``"trained"`` /
+    ``"trained_paired"`` (the closest run that did, and its paired result), ``"runner_ups"`` (family -> the
+    runner-up and its paired result, for choices decided by one val image or less) and ``"choices"``
+    (:func:`family_choices`). Raises ``MismatchError`` when two rows were scored on different test images or
+    with different labels.
+    """
+    choices = family_choices(dataset_result)
+    pooled = choices["head"]["chosen"] if choices["head"] else None
+    feat = choices["features"]["chosen"] if choices["features"] else None
+    tune = choices["finetune"]["chosen"] if choices["finetune"] else None
+    out: dict[str, Any] = {
+        "head": pooled,
+        "finetune": tune,
+        "paired": None,
+        "why": None,
+        "features": feat,
+        "pooled_head": pooled,
+        "layer_unpaired": False,
+        "pooled_paired": None,
+        "probe_kept": tune is not None and backbone_updated(tune) is False,
+        "trained": None,
+        "trained_paired": None,
+        "runner_ups": {},
+        "choices": choices,
+    }
+    kw = {"n_boot": n_boot, "seed": seed}
+    if feat is not None and feat.get("_layer") is not None:
+        if tune is not None and _pairable(feat, tune, dataset_result):
+            out["head"] = feat
+            if pooled is not None:
+                out["pooled_paired"] = _pair(pooled, tune, dataset_result, **kw)[0]
+        else:
+            out["layer_unpaired"] = True
+    head = out["head"]
     if head is None or tune is None:
         out["why"] = "one family has no row with a val accuracy"
         return out
-    inputs = _paired_inputs(head, tune, dataset_result)
-    if isinstance(inputs, str):
-        out["why"] = inputs
-        return out
-    from featx.metrics import paired_comparison
-
-    y, pred_tune, pred_head = inputs
-    out["paired"] = paired_comparison(y, pred_tune, pred_head, n_boot=n_boot, seed=seed, level=LEVEL)
+    out["paired"], out["why"] = _pair(head, tune, dataset_result, **kw)
+    if out["probe_kept"] and choices["trained"] is not None:
+        trained = choices["trained"]["chosen"]
+        out["trained"] = trained
+        out["trained_paired"] = _pair(head, trained, dataset_result, **kw)[0]
+    compare_tune = out["trained"] if out["probe_kept"] else tune
+    for fam, other in (("features", compare_tune), ("finetune", head)):
+        d = choices[fam]
+        if d is None or not d["close"]:
+            continue
+        runner = d["runner_up"]
+        paired = None
+        if other is not None:
+            a, b = (other, runner) if fam == "features" else (runner, other)
+            if _pairable(b, a, dataset_result):
+                paired = _pair(b, a, dataset_result, **kw)[0]
+        out["runner_ups"][fam] = {"row": runner, "paired": paired, "against": other}
     return out
 
 
-def verdict(dataset_result: dict) -> str:
+def verdict(dataset_result: dict, *, family: Mapping[str, Any] | None = None) -> str:
     """Plain sentences for one dataset, each computed from the numbers.
 
     Names what was chosen on val in each family, compares the two paired on the same test images
-    (``compare_chosen``), says when the compute budget may decide the outcome (``budget_sentences``),
-    compares wall time, and states the few-shot crossing point with its uncertainty over draws.
+    (``compare_chosen``), says when a chosen "fine-tuning" model is in fact a probe, when a choice was decided
+    by one val image or less (with what the runner-up would have given), and when the compute budget may decide
+    the outcome (``budget_sentences``); compares wall time, and states the few-shot crossing point with its
+    uncertainty over draws. ``family`` (``{"k", "holm_p"}``, from the report) adds Holm's correction across the
+    report's datasets.
     """
     rows = dataset_result.get("rows") or []
     ok = [r for r in rows if _row_ok(r)]
@@ -195,6 +341,7 @@ def verdict(dataset_result: dict) -> str:
     head, tune = cmp["head"], cmp["finetune"]
 
     sentences: list[str] = []
+    word = "none"
     if not families[FEATURES] and not families[FINETUNE]:
         sentences.append(f"No strategy produced a result on this dataset{failed_note}.")
         sentences.append("There is nothing to compare.")
@@ -218,48 +365,155 @@ def verdict(dataset_result: dict) -> str:
             "at test: no verdict is given (re-run the bench to record val accuracies)."
         )
     else:
-        sentences.append(
-            f"Chosen on val: the feature head {head.get('strategy')} (val {_fmt_float(head.get('val_accuracy'))}, "
-            f"test {_fmt_acc_ci(head)}) and fine-tuning {tune.get('strategy')} (val {_fmt_float(tune.get('val_accuracy'))}, "
-            f"test {_fmt_acc_ci(tune)}){failed_note}."
-        )
-        sentences.append(_paired_sentence(cmp))
-    sentences += budget_sentences(dataset_result)
+        sentences.append(_chosen_sentence(cmp, failed_note))
+        if cmp["layer_unpaired"]:
+            sentences.append(
+                f"The layer-wise probe recorded no per-image test predictions, so it cannot be paired with fine-tuning: "
+                f"the paired comparison below uses {_head_name(cmp['pooled_head'])}, the head chosen on val on the pooled "
+                f"features (the layer probe's own test interval is the unpaired one above)."
+            )
+        if cmp["probe_kept"]:
+            sentences += _probe_sentences(cmp)
+        else:
+            sentences.append(_paired_sentence(cmp))
+            if cmp["pooled_paired"] is not None:
+                r = cmp["pooled_paired"]
+                sentences.append(
+                    f"Against {_head_name(cmp['pooled_head'])}, the head chosen on the pooled features: "
+                    f"{_observed(r, _tune_name(tune), _head_name(cmp['pooled_head']))}."
+                )
+            holm = _holm_sentence(cmp, family)
+            if holm:
+                sentences.append(holm)
+        sentences += _close_call_sentences(cmp)
+        word = verdict_word(cmp, (family or {}).get("holm_p"))
+    budget = budget_sentences(dataset_result)
+    if budget and word not in ("finetune", "none"):
+        sentences.append("The budget may have decided this verdict, for these reasons.")
+    sentences += budget
     if head is not None and tune is not None:
-        ratio = _time_sentence(head, tune)
+        timed = head if _is_num(head.get("wall_seconds")) else cmp["pooled_head"] or head
+        ratio = _time_sentence(
+            timed,
+            tune,
+            head_label="the chosen head" if timed is cmp["features"] else f"the pooled head {timed.get('strategy')}",
+            tune_label=f"The fine-tuning run ({tune.get('strategy')}, which ended with its probe)"
+            if cmp["probe_kept"]
+            else "Fine-tuning",
+        )
         if ratio:
             sentences.append(ratio)
     fewshot = dataset_result.get("fewshot") or []
     if fewshot:
-        sentences.append(fewshot_crossing(fewshot, head_row=head, finetune_row=tune, rows=ok)["text"])
+        sentences.append(fewshot_crossing(fewshot, head_row=cmp["pooled_head"], finetune_row=tune, rows=ok)["text"])
     return " ".join(sentences)
+
+
+def verdict_word(cmp: Mapping[str, Any], holm_p: float | None = None) -> str:
+    """One word for the summary: ``"finetune"`` / ``"head"`` (better, also after Holm's correction when given),
+    ``"finetune_unadjusted"`` / ``"head_unadjusted"`` (significant on this dataset alone, not after Holm),
+    ``"no_difference"``, ``"probe_only"`` (the chosen fine-tuning model never updated the backbone) or
+    ``"none"`` (nothing to compare)."""
+    if cmp.get("finetune") is None or cmp.get("head") is None:
+        return "none"
+    if cmp.get("probe_kept"):
+        return "probe_only"
+    r = cmp.get("paired")
+    if r is None:
+        return "none"
+    if r["p_value"] >= ALPHA:
+        return "no_difference"
+    side = "finetune" if r["diff"] > 0 else "head"
+    return side if holm_p is None or holm_p < ALPHA else f"{side}_unadjusted"
+
+
+_WORDS = {
+    "finetune": "fine-tuning better",
+    "head": "head better",
+    "finetune_unadjusted": "fine-tuning ahead on this dataset alone, not after Holm",
+    "head_unadjusted": "head ahead on this dataset alone, not after Holm",
+    "no_difference": "no difference detected",
+    "probe_only": "fine-tuning added nothing (probe kept)",
+    "none": "no verdict",
+}
 
 
 def budget_sentences(dataset_result: Mapping[str, Any]) -> list[str]:
     """Where the compute budget, not the models, may decide the verdict: fine-tuning runs still improving at
-    their last epoch, and chosen hyper-parameters on the edge of the searched grid; each with what to run."""
+    their last epoch (the chosen run, or other grid points of a strategy), and chosen hyper-parameters on the
+    edge of the searched grid; each with what to run."""
+    return [item["text"] for item in _budget_items(dataset_result)]
+
+
+def budget_flags(dataset_result: Mapping[str, Any]) -> list[str]:
+    """Short reasons why the budget may have decided the verdict (empty: nothing says so), for the summary."""
+    items = _budget_items(dataset_result)
+    labels = {
+        "improving": "still improving at the last epoch",
+        "grid_improving": "grid points still improving",
+        "edge": "chosen value at a grid edge",
+    }
+    out = []
+    for kind, label in labels.items():
+        whats = [i["what"] for i in items if i["kind"] == kind]
+        if whats:
+            out.append(f"{label}: {', '.join(whats)}")
+    return out
+
+
+def _budget_items(dataset_result: Mapping[str, Any]) -> list[dict[str, str]]:
+    """Each reason the budget may have decided the verdict: ``{"text": sentence, "kind": "improving" |
+    "grid_improving" | "edge", "what": the runs or parameters concerned}``."""
     ok = [r for r in dataset_result.get("rows") or [] if _row_ok(r)]
-    out: list[str] = []
+    out: list[dict[str, str]] = []
     by_budget: dict[Any, list[str]] = {}
     for r in ok:
         if r.get("family") == FINETUNE and _still_improving(r):
-            by_budget.setdefault(r.get("epochs_budget") or r.get("epochs_run"), []).append(str(r.get("strategy")))
+            by_budget.setdefault(_epoch_budget(r), []).append(str(r.get("strategy")))
     for budget, names in by_budget.items():
         who = f"fine-tuning ({', '.join(names)})"
         verb = "was" if len(names) == 1 else "were"
         if _is_num(budget):
             n = int(budget)
-            more = max(2 * n, n + 5)
-            out.append(
+            more = _more_epochs(n)
+            text = (
                 f"{who[0].upper()}{who[1:]} {verb} still improving when {'its' if len(names) == 1 else 'their'} {n} epochs "
                 f"ended: this budget under-states it; run with --epochs {more} (bench config: finetune: {{epochs: {more}}}) "
                 "to settle it."
             )
         else:
-            out.append(
+            text = (
                 f"{who[0].upper()}{who[1:]} {verb} still improving at the last epoch run: this budget under-states it; "
                 "run with more epochs to settle it."
             )
+        out.append({"text": text, "kind": "improving", "what": ", ".join(names)})
+    for r in ok:
+        if r.get("family") != FINETUNE or _still_improving(r):
+            continue
+        points = _improving_grid_points(r)
+        if not points:
+            continue
+        n = _epoch_budget(r)
+        best = max((float(p["val_accuracy"]) for p in points if _is_num(p.get("val_accuracy"))), default=None)
+        where = _describe_points(points, r)
+        run = (
+            f"run with --epochs {_more_epochs(int(n))} (bench config: finetune: {{epochs: {_more_epochs(int(n))}}})"
+            if _is_num(n)
+            else "run with more epochs"
+        )
+        out.append(
+            {
+                "text": (
+                    f"Fine-tuning ({r.get('strategy')}) kept a run that had stopped improving, but its grid "
+                    f"point{'s' if len(points) > 1 else ''} at {where} {'were' if len(points) > 1 else 'was'} still improving "
+                    f"when {'their' if len(points) > 1 else 'its'} {int(n) if _is_num(n) else 'last'} epochs ended "
+                    f"(best val {_fmt_float(best)} against the chosen {_fmt_float(r.get('val_accuracy'))}): more epochs might "
+                    f"change the choice; {run} to settle it."
+                ),
+                "kind": "grid_improving",
+                "what": f"{r.get('strategy')} ({where})",
+            }
+        )
     for r in ok:
         edges = _grid_edges(r)
         if edges is None:
@@ -267,19 +521,33 @@ def budget_sentences(dataset_result: Mapping[str, Any]) -> list[str]:
         name = f"the {r.get('strategy')} head" if r.get("family") == FEATURES else f"fine-tuning ({r.get('strategy')})"
         if not edges:
             out.append(
-                f"The hyper-parameters chosen for {name} sit at an edge of the searched grid, so a wider grid might do "
-                "better; widen it past that edge and re-run to settle it."
+                {
+                    "text": (
+                        f"The hyper-parameters chosen for {name} sit at an edge of the searched grid, so a wider grid might "
+                        "do better; widen it past that edge and re-run to settle it."
+                    ),
+                    "kind": "edge",
+                    "what": str(r.get("strategy")),
+                }
             )
             continue
         parts = [f"{k}={_fmt_hvalue(v)} is the {side} value searched" for k, v, side in edges]
-        fix = (
-            "pass a wider grid (fit_head(..., grid=...)) and re-run"
-            if r.get("family") == FEATURES
-            else "extend the bench config's fine-tuning grid past it and re-run"
-        )
+        if r.get("family") == FEATURES:
+            fix = "pass a wider grid (fit_head(..., grid=...)) and re-run"
+        else:
+            beyond = [f"{k} {_fmt_hvalue(nxt)}" for k, _, side in edges if (nxt := _beyond_edge(r, k, side)) is not None]
+            fix = f"extend the bench config's fine-tuning grid past {'them' if len(edges) > 1 else 'it'}"
+            fix += f" (e.g. {', '.join(beyond)})" if beyond else ""
+            fix += " and re-run"
         out.append(
-            f"For {name}, {' and '.join(parts)}: the best value may lie beyond the grid's "
-            f"{'edges' if len(edges) > 1 else 'edge'}; {fix} to settle it."
+            {
+                "text": (
+                    f"For {name}, {' and '.join(parts)}: the best value may lie beyond the grid's "
+                    f"{'edges' if len(edges) > 1 else 'edge'}; {fix} to settle it."
+                ),
+                "kind": "edge",
+                "what": f"{r.get('strategy')} {' and '.join(k for k, _, _ in edges)}",
+            }
         )
     return out
 
@@ -298,7 +566,9 @@ def fewshot_crossing(
     it, else the first head method in the points' order; likewise for fine-tuning (``finetune_row``).
     At each shot count measured for both, the difference fine-tuning − head is averaged over the draws both
     ran (draw d of k shots is the same images for both), with a 95% t-interval over those draws; at
-    ``"all"`` with ``rows`` given, the two full-data rows are compared paired over the test images instead.
+    ``"all"`` with ``rows`` given, the two full-data rows are compared paired over the test images instead, and
+    a fine-tuning row whose model never updated the backbone (an LP-FT probe) is marked ``"probe"`` there and
+    left out of the crossing (it is listed in ``per_shot`` all the same).
 
     Returns ``{"case", "shots", "text", "head_method", "finetune_method", "per_shot", "bracket"}``; case is
     ``"ahead_from_start"``, ``"crosses"`` (the smallest shot count whose mean difference is >= 0),
@@ -317,8 +587,17 @@ def fewshot_crossing(
     if not shots_common:
         text = f"No few-shot crossing point can be given: no shot count was measured for both {h_method} and {t_method}."
         return {**base, "text": text}
-    per_shot = [_fewshot_difference(points, h_method, t_method, s, rows) for s in shots_common]
-    base["per_shot"] = per_shot
+    per_shot_all = [_fewshot_difference(points, h_method, t_method, s, rows) for s in shots_common]
+    base["per_shot"] = per_shot_all
+    per_shot = [p for p in per_shot_all if not p.get("probe")]
+    probe_note = ""
+    if len(per_shot) < len(per_shot_all):
+        probe_note = (
+            f" With the full training set, {t_method.split(':', 1)[-1]}'s model is its epoch-0 probe (no backbone update), "
+            "so that point says nothing about fine-tuning and is left out of the crossing."
+        )
+    if not per_shot:
+        return {**base, "text": "No few-shot crossing point can be given: no shot count has a fine-tuned model." + probe_note}
     heads_clear = [p["shots"] for p in per_shot if p["status"] == "head"]
     tune_clear = [p["shots"] for p in per_shot if p["status"] == "finetune"]
     cross = next((i for i, p in enumerate(per_shot) if p["diff"] >= 0), None)
@@ -331,10 +610,11 @@ def fewshot_crossing(
     who = f"fine-tuning ({t_method.split(':', 1)[-1]})"
     whom = f"the {h_method} head ({h_why})"
     if cross is None:
+        compared = [p["shots"] for p in per_shot]
         span = (
-            _shot_phrase(shots_common[0], bare=True)
-            if len(shots_common) == 1
-            else f"{_shot_label(shots_common[0])}–{_shot_label(shots_common[-1])} shots per class"
+            _shot_phrase(compared[0], bare=True)
+            if len(compared) == 1
+            else f"{_shot_label(compared[0])}–{_shot_label(compared[-1])} shots per class"
         )
         case, shots = "never", None
         text = f"In the few-shot runs {who} never catches up with {whom} within the measured range ({span})"
@@ -359,7 +639,7 @@ def fewshot_crossing(
                 "below that the head is ahead on average"
             )
         text += _bracket_clause(p, bracket) + f" ({_interval_basis(per_shot)})."
-    return {**base, "case": case, "shots": shots, "text": text}
+    return {**base, "case": case, "shots": shots, "text": text + probe_note}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -375,13 +655,20 @@ def render_report(results: dict, plots: Mapping[str, Mapping[str, str]] | None =
     lines = ["# featx benchmark report", ""]
     lines += ["| | |", "|---|---|"]
     lines.append(f"| featx version | {_cell(meta.get('featx_version', 'unknown'))} |")
+    lines.append(f"| code | {_fmt_code(meta.get('code'))} |")
     lines.append(f"| created | {_cell(meta.get('created_at', 'unknown'))} |")
     lines.append(f"| machine | {_cell(meta.get('machine', 'unknown'))} |")
     if "quick" in meta:
         lines.append(f"| mode | {'quick (reduced grid)' if meta['quick'] else 'full'} |")
     command = str(meta.get("command", "")).replace("`", "'")
     lines.append(f"| command | `{_cell(command)}` |" if command else "| command | unknown |")
-    lines += ["", "## Protocol", "", *render_protocol(meta)]
+    stale = _stale_cells(meta)
+    if stale:
+        lines += ["", *_stale_block(stale)]
+    summary = report_summary(datasets)
+    if summary["rows"]:
+        lines += ["", "## Summary", "", *render_summary(summary)]
+    lines += ["", "## Protocol", "", *render_protocol(meta, datasets)]
     lines += ["", "## Budget notes", ""]
     notes = meta.get("budget_notes") or []
     if notes:
@@ -389,8 +676,168 @@ def render_report(results: dict, plots: Mapping[str, Mapping[str, str]] | None =
     else:
         lines.append("No budget notes were recorded: the grid was run as configured.")
     for name, ds in datasets.items():
-        lines += ["", *_render_dataset(name, ds, plots.get(name, {}))]
+        family = {"k": summary["k"], "holm_p": summary["holm"].get(name)}
+        cells = [c for c in stale if _cell_of(str(c.get("cell")), name, list(datasets))]
+        lines += ["", *_render_dataset(name, ds, plots.get(name, {}), family=family, stale=cells)]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def report_summary(datasets: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """One entry per dataset for the summary table, with Holm's correction across the datasets whose verdict
+    pairs a fine-tuned model with a head: ``{"rows": {name: {...}}, "k", "holm": {name: adjusted p}}``."""
+    rows: dict[str, dict[str, Any]] = {}
+    for name, ds in datasets.items():
+        ok = [r for r in ds.get("rows") or [] if _row_ok(r)]
+        if not ok:
+            continue
+        cmp = compare_chosen(ds)
+        primary = None if cmp["probe_kept"] else cmp["paired"]
+        rows[name] = {"cmp": cmp, "primary": primary, "budget": budget_flags(ds), "epochs": _epoch_budgets(ds)}
+    family = [name for name, r in rows.items() if r["primary"] is not None]
+    adjusted = holm_adjust([rows[n]["primary"]["p_value"] for n in family]) if family else []
+    holm = dict(zip(family, adjusted))
+    for name, r in rows.items():
+        r["word"] = verdict_word(r["cmp"], holm.get(name) if len(family) > 1 else None)
+    return {"rows": rows, "k": len(family), "holm": holm}
+
+
+def render_summary(summary: Mapping[str, Any]) -> list[str]:
+    """The summary table (one row per dataset) and the follow-up rule, as Markdown lines."""
+    k = summary["k"]
+    out = [
+        "| Dataset | Head chosen on val | Fine-tuning chosen on val | Fine-tuning − head, points [95% CI] | McNemar p "
+        f"| Holm p ({k} dataset{'s' if k != 1 else ''}) | Verdict | Budget may have decided it |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in summary["rows"].items():
+        cmp = r["cmp"]
+        ch = cmp["choices"]
+        head_cell = _summary_head_cell(cmp)
+        tune = cmp["finetune"]
+        tune_cell = _DASH
+        if tune is not None:
+            tune_cell = f"{_cell(tune.get('strategy'))} (val {_fmt_float(tune.get('val_accuracy'))})"
+            if cmp["probe_kept"]:
+                tune_cell += ": probe kept, no backbone update"
+            tune_cell += _close_note(ch.get("finetune"))
+        p = r["primary"]
+        if p is not None:
+            diff = f"{_fmt_points(p['diff'], signed=True)}{_fmt_points_ci(p['ci'])}"
+            pval = _fmt_p(p["p_value"]).replace("p = ", "").replace("p ", "")
+        elif cmp["probe_kept"] and cmp["trained_paired"] is not None:
+            t = cmp["trained_paired"]
+            diff = (
+                f"— (closest trained run, {_cell(cmp['trained'].get('strategy'))}: "
+                f"{_fmt_points(t['diff'], signed=True)}{_fmt_points_ci(t['ci'])}, not chosen on val)"
+            )
+            pval = _DASH
+        else:
+            diff, pval = _DASH, _DASH
+        holm = summary["holm"].get(name)
+        holm_cell = _fmt_p(holm).replace("p = ", "").replace("p ", "") if holm is not None and k > 1 else _DASH
+        budget = "yes: " + "; ".join(r["budget"]) if r["budget"] else "no"
+        word = _WORDS[r["word"]]
+        if cmp["layer_unpaired"] and r["word"] not in ("probe_only", "none"):
+            word += " (against the pooled head; the layer probe is not paired)"
+        cells = [_cell(name), head_cell, tune_cell, diff, pval, holm_cell, word, _cell(budget)]
+        out.append("| " + " | ".join(cells) + " |")
+    out.append("")
+    out.append(
+        "Fine-tuning − head is paired over the test images both scored, with an interval computed from the counts that "
+        "never disagrees with McNemar's exact test. "
+        + (
+            f"Holm's correction runs over the {k} datasets whose verdict pairs a fine-tuned model with a head, so the "
+            f"family-wise error stays at {ALPHA}; a dataset whose chosen fine-tuning model is a probe has no such verdict. "
+            if k > 1
+            else "With one paired verdict there is nothing to correct for. "
+        )
+        + "The verdict word uses the Holm-adjusted p where there is one."
+    )
+    fired = [name for name, r in summary["rows"].items() if r["budget"]]
+    if fired:
+        budgets = sorted({int(e) for r in summary["rows"].values() for e in r["epochs"]})
+        what = "every grid widened one step past each edge its dataset names"
+        if budgets:
+            n = _more_epochs(budgets[-1])
+            what = f"--epochs {n} (twice the largest epoch budget that was still improving, at least 5 more) and {what}"
+        names = ", ".join(_cell(n) for n in fired)
+        out.append("")
+        out.append(
+            f"**Follow-up, one rule for every dataset where the budget may have decided ({names}).** "
+            f"Re-run {'them' if len(fired) > 1 else 'it'} with {what}, then read the verdicts again."
+        )
+    else:
+        out.append("")
+        out.append(
+            "No dataset's verdict depends on the budget by these checks (no run still improving, no choice at a grid edge)."
+        )
+    return out
+
+
+def _summary_head_cell(cmp: Mapping[str, Any]) -> str:
+    feat, pooled, ch = cmp["features"], cmp["pooled_head"], cmp["choices"]
+    if feat is None:
+        return _DASH
+    text = f"{_cell(feat.get('strategy'))} (val {_fmt_float(feat.get('val_accuracy'))})" + _close_note(ch.get("features"))
+    if cmp["layer_unpaired"] and pooled is not None:
+        text += f"; not paired (no per-image predictions): the paired test uses {_cell(pooled.get('strategy'))}"
+    return text
+
+
+def _close_note(d: Mapping[str, Any] | None) -> str:
+    if not d or not d["close"]:
+        return ""
+    if d["tied"]:
+        how = "val log-loss" if d["decided_by"] == "val log-loss" else "grid order"
+        return f", tie on val broken by {how}"
+    return ", by 1 val image"
+
+
+def _epoch_budgets(ds: Mapping[str, Any]) -> list[int]:
+    return [
+        int(b)
+        for r in ds.get("rows") or []
+        if _row_ok(r)
+        and r.get("family") == FINETUNE
+        and _is_num(b := _epoch_budget(r))
+        and (_still_improving(r) or _improving_grid_points(r))
+    ]
+
+
+def _fmt_code(code: Any) -> str:
+    if not isinstance(code, Mapping) or not code:
+        return "not recorded (results from before featx recorded its code version)"
+    parts = []
+    if code.get("featx_version"):
+        parts.append(f"featx {_cell(code['featx_version'])}")
+    if code.get("source_sha256"):
+        parts.append(f"source sha256 {_cell(str(code['source_sha256'])[:16])}")
+    return ", ".join(parts) or _DASH
+
+
+def _stale_cells(meta: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    cells = meta.get("stale_cells") or []
+    return [c if isinstance(c, Mapping) else {"cell": c} for c in cells] if isinstance(cells, list) else []
+
+
+def _stale_block(cells: Sequence[Mapping[str, Any]]) -> list[str]:
+    out = [
+        f"> **Warning: {len(cells)} stale cell{'s' if len(cells) != 1 else ''}.** These cells were reused from an older "
+        "code/config/data; their numbers are not from this run's settings:",
+        ">",
+    ]
+    for c in cells:
+        changed = c.get("changed") or []
+        what = f" (changed: {', '.join(_cell(x) for x in changed)})" if changed else ""
+        out.append(f"> - `{_cell(c.get('cell'))}`{what}")
+    return out
+
+
+def _cell_of(cell: str, name: str, names: Sequence[str]) -> bool:
+    """Whether a bench cell id (``<dataset>-<backbone>-<kind>``) belongs to dataset ``name`` (the longest
+    dataset name that prefixes it wins, so "a" does not claim "a-b"'s cells)."""
+    owners = [n for n in names if cell == n or cell.startswith(f"{n}-")]
+    return bool(owners) and max(owners, key=len) == name
 
 
 _PROTOCOL_KNOWN = (
@@ -409,13 +856,17 @@ _PROTOCOL_KNOWN = (
 )
 
 
-def render_protocol(meta: Mapping[str, Any]) -> list[str]:
-    """Markdown bullets stating how both families were trained, chosen and charged, from ``meta["protocol"]``."""
+def render_protocol(meta: Mapping[str, Any], datasets: Mapping[str, Mapping[str, Any]] | None = None) -> list[str]:
+    """Markdown bullets stating how both families were trained, chosen and charged, from ``meta["protocol"]``;
+    with ``datasets``, also what each family searched, which hyper-parameters never moved the val score and
+    each family's augmentation, read from the rows themselves (not from hand-written notes)."""
     proto = meta.get("protocol")
+    from_rows = _protocol_from_rows(datasets or {})
     if not isinstance(proto, Mapping) or not proto:
         return [
             "No protocol was recorded with these results (they predate featx's protocol record): how the final models "
-            "were fitted is unknown. Selection below still uses val accuracy only, where rows have one."
+            "were fitted is unknown. Selection below still uses val accuracy only, where rows have one.",
+            *from_rows,
         ]
     out = []
     final_fit = proto.get("final_fit")
@@ -435,8 +886,11 @@ def render_protocol(meta: Mapping[str, Any]) -> list[str]:
     sel = proto.get("selection", "val")
     out.append(
         f"- **Selection on {_cell(sel)}:** the best head, the best fine-tuning strategy and the best layer are the ones "
-        f"with the highest {_cell(sel)} accuracy (ties: the first in the grid's order). Test is scored for what was "
-        "chosen; other rows show their test scores for reference only, and they choose nothing."
+        f"with the highest {_cell(sel)} accuracy (ties: the lower {_cell(sel)} log-loss where every tied row records one, "
+        "else the first in the grid's order); when the layer-wise probe ran, the features family's choice includes its "
+        "layers. A choice decided by one val image or less is said next to the verdict, with what the runner-up would "
+        "have given. Test is scored for what was chosen; other rows show their test scores for reference only, and they "
+        "choose nothing."
     )
     if proto.get("head_grids"):
         out.append(f"- **Heads' grids:** {_sentence(proto['head_grids'])}")
@@ -469,16 +923,37 @@ def render_protocol(meta: Mapping[str, Any]) -> list[str]:
         out.append(f"- **Same images:** {_sentence(proto['same_rows'])}")
     if proto.get("costs"):
         out.append(f"- **Costs counted alike:** {_sentence(proto['costs'])}")
+    out += from_rows
     out.append(
         f"- **Verdict:** the chosen head and the chosen fine-tuning run are compared on the same test images: accuracy "
-        f"difference with a paired bootstrap {LEVEL:.0%} interval, McNemar's exact test (two-sided, alpha {ALPHA}), and the "
-        "smallest difference this test set could detect with 80% power. Where a run was still improving at its last "
-        "epoch, or a chosen value sits at the edge of its grid, the verdict says so (see the budget notes below)."
+        f"difference with a {LEVEL:.0%} interval computed from the counts (the exact conditional interval joined with "
+        f"Tango's score interval: no resampling, so no end moves with a seed, and it excludes 0 exactly when McNemar's "
+        f"exact test rejects), McNemar's exact test (two-sided, alpha {ALPHA}), Holm's correction across the report's "
+        "datasets, and the smallest difference this test set could detect with 80% power. A fine-tuning model that never "
+        "updated the backbone (LP-FT's epoch-0 probe, the head strategy) is not counted as fine-tuning. Where a run was "
+        "still improving at its last epoch, or a chosen value sits at the edge of its grid (any grid of two values or "
+        "more), the verdict says so."
     )
     for key, value in proto.items():
         if key not in _PROTOCOL_KNOWN:
             shown = json.dumps(value, default=str) if isinstance(value, (Mapping, list)) else str(value)
             out.append(f"- {_cell(key)}: {_cell(shown)}")
+    return out
+
+
+def _protocol_from_rows(datasets: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Protocol bullets read from the rows of every dataset: configurations searched, hyper-parameters that never
+    changed the val score, augmentation per family."""
+    out = []
+    per_ds = {name: _search_summary(ds) for name, ds in datasets.items()}
+    if any(per_ds.values()):
+        out.append(f"- **Searched on val (from the rows):** {_merge_search(list(per_ds.values()))}.")
+    unchanged = _unchanged_text([_unchanged_counts(ds) for ds in datasets.values()], across=len(datasets) > 1)
+    if unchanged:
+        out.append(f"- **Hyper-parameters that did not move the val score:** {unchanged}.")
+    aug = _augment_text(datasets)
+    if aug:
+        out.append(f"- **Augmentation (from the rows):** {aug}.")
     return out
 
 
@@ -516,7 +991,7 @@ def render_results_table(dataset_result: Mapping[str, Any]) -> str:
             _cell(r.get("strategy", _DASH)),
             _CHOSEN_MARK if id(r) in chosen else "",
             _fmt_float(r.get("val_accuracy")),
-            _fmt_acc_ci(r),
+            _fmt_acc_ci(r, dataset_result.get("test_labels")),
             _fmt_float(r.get("macro_f1")),
             _fmt_nfit(r),
             _fmt_wall(r),
@@ -572,7 +1047,12 @@ def render_crossing_table(crossing: Mapping[str, Any]) -> str:
         f"| Shots per class | {_cell(tune)} − {_cell(head)} (points) | 95% interval | based on | clearly ahead |",
         "|---|---|---|---|---|",
     ]
-    words = {"head": _cell(head), "finetune": _cell(tune), "unclear": "neither"}
+    words = {
+        "head": _cell(head),
+        "finetune": _cell(tune),
+        "unclear": "neither",
+        "probe": "left out: the fine-tuning model is a probe (no backbone update)",
+    }
     for p in per:
         ci = f"[{_fmt_points(p['ci'][0], signed=True)}, {_fmt_points(p['ci'][1], signed=True)}]" if p["ci"] else _DASH
         out.append(
@@ -581,7 +1061,14 @@ def render_crossing_table(crossing: Mapping[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def _render_dataset(name: str, ds: Mapping[str, Any], plots: Mapping[str, str]) -> list[str]:
+def _render_dataset(
+    name: str,
+    ds: Mapping[str, Any],
+    plots: Mapping[str, str],
+    *,
+    family: Mapping[str, Any] | None = None,
+    stale: Sequence[Mapping[str, Any]] = (),
+) -> list[str]:
     lines = [f"## Dataset: {name}", ""]
     classes = list(ds.get("classes") or [])
     shown = ", ".join(str(c) for c in classes[:10]) + (", …" if len(classes) > 10 else "")
@@ -607,22 +1094,39 @@ def _render_dataset(name: str, ds: Mapping[str, Any], plots: Mapping[str, str]) 
         if ext.get("peak_memory_mb") is not None:
             parts.append(f"peak memory {ext['peak_memory_mb']:,.0f} MB")
         facts.append("- Feature extraction (once, shared by all heads): " + ", ".join(parts))
+    searched = _search_summary(ds)
+    if searched:
+        facts.append(f"- Searched on val (from the rows): {_merge_search([searched])}")
+    unchanged = _unchanged_text([_unchanged_counts(ds)], across=False)
+    if unchanged:
+        facts.append(f"- Did not move the val score: {unchanged}")
+    if stale:
+        listed = "; ".join(
+            f"`{_cell(c.get('cell'))}`"
+            + (f" (changed: {', '.join(_cell(x) for x in c.get('changed') or [])})" if c.get("changed") else "")
+            for c in stale
+        )
+        facts.append(f"- **Stale cells reused here (numbers not from this run's settings):** {listed}")
     lines += [*facts, "", "### Results on the test set", ""]
     rows = ds.get("rows") or []
     if rows:
         lines.append(render_results_table(ds).rstrip())
         lines.append("")
         kinds = {r.get("memory_kind") for r in rows if _row_ok(r)}
+        recorded = any(_row_ok(r) and _wilson_of(r, ds.get("test_labels")) is None for r in rows)
         lines.append(
-            f"{_CHOSEN_MARK} marks the head and the fine-tuning strategy chosen on val accuracy (ties: first in the grid's "
-            "order); test accuracy chose nothing. Accuracy is top-1 on the test set with a 95% percentile-bootstrap "
-            "interval over test images. Peak memory is the run's own measurement, its kind in brackets"
+            f"{_CHOSEN_MARK} marks the head (on the pooled features) and the fine-tuning strategy chosen on val accuracy "
+            "(ties: the lower val log-loss where recorded, else first in the grid's order); test accuracy chose nothing. "
+            "Accuracy is top-1 on the test set with a 95% Wilson score interval computed from the per-image results"
+            + (" (rows without per-image results show the interval recorded with them)" if recorded else "")
+            + ". Peak memory is the run's own measurement, its kind in brackets"
             + (" (rss: resident memory of the process tree)." if "rss" in kinds else ".")
         )
         if any(_row_ok(r) and r.get("family") == FINETUNE and r.get("best_epoch") is not None for r in rows):
             lines.append(
                 f"Epochs: the epoch whose model was kept (chosen on val; 0 = before any update) / epochs run; "
-                f"{_IMPROVING_MARK} = still improving when the epoch budget ran out."
+                f'{_IMPROVING_MARK} = still improving when the epoch budget ran out; "probe" = the kept model never updated '
+                "the backbone, so that row is a linear probe, not fine-tuning."
             )
         if any(_row_ok(r) and r.get("family") == FEATURES and r.get("fit_seconds") is not None for r in rows):
             lines += [
@@ -650,7 +1154,7 @@ def _render_dataset(name: str, ds: Mapping[str, Any], plots: Mapping[str, str]) 
     if fewshot and stats:
         lines += ["", "### Data efficiency", ""]
         lines.append(render_fewshot_table(fewshot).rstrip())
-        lines += ["", _fewshot_caption(fewshot, stats)]
+        lines += ["", _fewshot_caption(fewshot, stats, _all_per_class(ds))]
         for skipped in ds.get("fewshot_skipped") or []:
             lines.append(f"Not measured: {_cell(skipped)}.")
         rows_ok = [r for r in rows if _row_ok(r)]
@@ -662,11 +1166,11 @@ def _render_dataset(name: str, ds: Mapping[str, Any], plots: Mapping[str, str]) 
             lines += ["", table.rstrip()]
         lines += ["", f"**Crossing point.** {crossing['text']}"]
 
-    layer_text = _layerwise_sentence(ds.get("layerwise") or [])
+    layer_text = _layerwise_sentence(ds.get("layerwise") or [], ds)
     if layer_text:
         lines += ["", "### Layer-wise probe", "", layer_text]
 
-    lines += ["", "### What the numbers say", "", verdict(dict(ds))]
+    lines += ["", "### What the numbers say", "", verdict(dict(ds), family=family)]
     return lines
 
 
@@ -698,7 +1202,7 @@ def plot_accuracy_vs_time(
         sel = [r for r in pts if str(r.get("family")) == fam]
         x = np.array([float(r["wall_seconds"]) for r in sel])
         y = np.array([float(r["accuracy"]) for r in sel])
-        ci = [_ci(r) or (float(r["accuracy"]), float(r["accuracy"])) for r in sel]
+        ci = [_wilson_of(r) or _ci(r) or (float(r["accuracy"]), float(r["accuracy"])) for r in sel]
         lo = np.array([c[0] for c in ci])
         hi = np.array([c[1] for c in ci])
         yerr = np.vstack([np.clip(y - lo, 0, None), np.clip(hi - y, 0, None)])
@@ -728,7 +1232,7 @@ def plot_accuracy_vs_time(
     _pad_log_x(ax, [float(r["wall_seconds"]) for r in pts] + ([extraction_seconds] if extraction_seconds else []))
     ax.margins(y=0.12)
     ax.set_xlabel("wall time per strategy, seconds (log scale; heads include the shared extraction)")
-    ax.set_ylabel("test accuracy (bars: 95% bootstrap CI)")
+    ax.set_ylabel("test accuracy (bars: 95% CI)")
     ax.set_title(f"{title}: accuracy vs wall time")
     ax.grid(True, which="major", alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
@@ -816,11 +1320,17 @@ def plot_fewshot(
     *,
     images_per_class_all: float | None = None,
     chance: float | None = None,
+    all_per_class: Mapping[str, Any] | None = None,
+    probe_at_all: Iterable[str] = (),
 ) -> Path:
     """Mean accuracy vs shots per class (log x), one line per method, band: 95% t-interval of the mean over draws.
 
-    The "all" point sits at ``images_per_class_all`` when known (and beyond the largest shot count),
-    otherwise one doubling to the right of the largest shot count; its tick says "all" either way.
+    The "all" point sits at the images per class its models trained on (``all_per_class``: n_fit / classes,
+    train + val under the train+val protocol), else at ``images_per_class_all``, and beyond the largest shot
+    count either way; its tick says what it trained on and that it was tuned on val. Points chosen differently
+    (few-shot draws: no val labels; "all": hyper-parameters chosen on val) are not joined by the method's line:
+    a thin dotted segment marks the change of regime. Methods in ``probe_at_all`` (a fine-tuning method whose
+    "all" model never updated the backbone) get a hollow marker there.
     """
     stats = _fewshot_stats(points)
     if not stats:
@@ -830,40 +1340,78 @@ def plot_fewshot(
     xpos: dict[Any, float] = {s: float(s) for s in ints}
     others = [s for s in shots if not isinstance(s, int)]
     right: float | None = float(max(ints)) if ints else None
+    per_class = float(all_per_class["per_class"]) if all_per_class and _is_num(all_per_class.get("per_class")) else None
+    at_all = per_class if per_class is not None else images_per_class_all
     for s in others:
-        if s == "all" and _is_num(images_per_class_all) and (right is None or float(images_per_class_all) > right):
-            xpos[s] = float(images_per_class_all)
+        if s == "all" and _is_num(at_all) and (right is None or float(at_all) > right):
+            xpos[s] = float(at_all)
         else:
             xpos[s] = right * 2 if right else 1.0
         right = xpos[s] if right is None else max(right, xpos[s])
     log_x = all(v > 0 for v in xpos.values())
+    regimes = _fewshot_regimes(points)
 
     fig, ax = _new_figure(7.5, 4.8)
     heads = [m for m in _method_order(stats) if not _is_finetune_method(m)]
     tunes = [m for m in _method_order(stats) if _is_finetune_method(m)]
     head_colours = ("tab:blue", "tab:cyan", "tab:purple", "tab:olive", "tab:gray")
     tune_colours = ("tab:orange", "tab:red", "tab:brown", "tab:pink", "tab:green")
+    joined_across = False
     for group, colours, style, marker in ((heads, head_colours, "-", "o"), (tunes, tune_colours, "--", "s")):
         for i, m in enumerate(group):
             per = stats[m]
             ss = sorted(per, key=_shot_key)
-            x = np.array([xpos[s] for s in ss])
-            mean = np.array([per[s]["mean"] for s in ss])
-            lo = np.array([per[s]["lo"] for s in ss])
-            hi = np.array([per[s]["hi"] for s in ss])
             colour = colours[i % len(colours)]
             ns = sorted({int(per[s]["n"]) for s in ss if s != "all"} or {int(per[s]["n"]) for s in ss})
             draws = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}–{ns[-1]}"
-            label = f"{m} ({draws} draw{'s' if ns[-1] != 1 else ''})"
-            ax.plot(x, mean, linestyle=style, marker=marker, color=colour, label=label, linewidth=1.8, markersize=5)
-            ax.fill_between(x, lo, hi, color=colour, alpha=0.15, linewidth=0)
+            label: str | None = f"{m} ({draws} draw{'s' if ns[-1] != 1 else ''})"
+            runs: list[list[Any]] = []
+            for s in ss:
+                if runs and regimes.get((m, runs[-1][-1])) == regimes.get((m, s)):
+                    runs[-1].append(s)
+                else:
+                    runs.append([s])
+            for k, run in enumerate(runs):
+                x = np.array([xpos[s] for s in run])
+                mean = np.array([per[s]["mean"] for s in run])
+                ax.plot(x, mean, linestyle=style, marker=marker, color=colour, label=label, linewidth=1.8, markersize=5)
+                label = None
+                ax.fill_between(
+                    x, [per[s]["lo"] for s in run], [per[s]["hi"] for s in run], color=colour, alpha=0.15, linewidth=0
+                )
+                if k:
+                    prev = runs[k - 1][-1]
+                    ax.plot(
+                        [xpos[prev], xpos[run[0]]],
+                        [per[prev]["mean"], per[run[0]]["mean"]],
+                        linestyle=":",
+                        color=colour,
+                        linewidth=1.0,
+                        alpha=0.7,
+                    )
+                    joined_across = True
+    probes = [m for m in set(probe_at_all) if "all" in stats.get(m, {})]
+    for m in probes:
+        ax.plot([xpos["all"]], [stats[m]["all"]["mean"]], "s", markersize=9, markerfacecolor="white", markeredgecolor="0.2")
+    if probes:
+        ax.plot(
+            [],
+            [],
+            "s",
+            markerfacecolor="white",
+            markeredgecolor="0.2",
+            linestyle="none",
+            label="hollow: a probe, no backbone update",
+        )
+    if joined_across:
+        ax.plot([], [], linestyle=":", color="0.4", linewidth=1.0, label="dotted: joins few-shot (no val) to val-tuned points")
     if chance:
         ax.axhline(chance, color="0.6", linestyle=":", linewidth=1, label=f"chance ({chance:.2f})")
     if log_x:
         ax.set_xscale("log")
         _pad_log_x(ax, list(xpos.values()))
     ticks = [xpos[s] for s in shots]
-    labels = [_all_tick(s, images_per_class_all) if not isinstance(s, int) else str(s) for s in shots]
+    labels = [_all_tick(s, images_per_class_all, all_per_class) if not isinstance(s, int) else str(s) for s in shots]
     ax.set_xticks(ticks, labels)
     ax.minorticks_off()
     ax.set_xlabel("training images per class (shots)" + (", log scale" if log_x else ""))
@@ -872,6 +1420,19 @@ def plot_fewshot(
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize=8.5, framealpha=0.9)
     return _save(fig, path)
+
+
+def _fewshot_regimes(points: Sequence[Mapping[str, Any]]) -> dict[tuple[str, Any], str]:
+    """(method, shots) -> "val" (hyper-parameters chosen on val: the full-data grid) or "no-val" (a few-shot
+    draw: cross-validation inside the draw or a fixed rule). A point without ``selection`` counts as "val" at
+    "all" and "no-val" elsewhere."""
+    out: dict[tuple[str, Any], str] = {}
+    for p in points:
+        s = _norm_shot(p.get("shots"))
+        sel = p.get("selection")
+        regime = "val" if sel == "val" or (sel is None and s == "all") else "no-val"
+        out.setdefault((str(p.get("method")), s), regime)
+    return out
 
 
 def plot_layerwise(
@@ -1034,15 +1595,22 @@ def _ci(r: Mapping[str, Any]) -> tuple[float, float] | None:
     return None
 
 
-def _time_sentence(head: Mapping[str, Any], tune: Mapping[str, Any]) -> str:
+def _time_sentence(
+    head: Mapping[str, Any],
+    tune: Mapping[str, Any],
+    *,
+    head_label: str = "the chosen head",
+    tune_label: str = "Fine-tuning",
+) -> str:
     t_h, t_t = head.get("wall_seconds"), tune.get("wall_seconds")
     if not (_is_num(t_h) and _is_num(t_t)) or float(t_h) <= 0 or float(t_t) <= 0:
         return ""
     t_h, t_t = float(t_h), float(t_t)
     times = f"{_fmt_seconds(t_t)} vs {_fmt_seconds(t_h)} wall time, the head's including the shared feature extraction"
     if t_t >= t_h:
-        return f"Fine-tuning took {_fmt_ratio(t_t / t_h)} longer than the chosen head ({times})."
-    return f"The chosen head took {_fmt_ratio(t_h / t_t)} longer than fine-tuning ({times})."
+        return f"{tune_label} took {_fmt_ratio(t_t / t_h)} longer than {head_label} ({times})."
+    lower = tune_label[0].lower() + tune_label[1:]
+    return f"{head_label[0].upper()}{head_label[1:]} took {_fmt_ratio(t_h / t_t)} longer than {lower} ({times})."
 
 
 def _fmt_ratio(r: float) -> str:
@@ -1092,8 +1660,17 @@ def _shot_phrase(s: Any, *, bare: bool = False) -> str:
     return text if bare else f"at {text}"
 
 
-def _all_tick(s: Any, images_per_class_all: float | None) -> str:
-    if s == "all" and images_per_class_all:
+def _all_tick(s: Any, images_per_class_all: float | None, all_per_class: Mapping[str, Any] | None = None) -> str:
+    """The "all" tick: what its models trained on. With ``all_per_class`` (n_fit per class): "all / ~65 per class /
+    train+val, val-tuned"; else the recorded images per class."""
+    if s != "all":
+        return str(s)
+    if all_per_class and _is_num(all_per_class.get("per_class")):
+        n = float(all_per_class["per_class"])
+        count = f"{n:.0f}" if n.is_integer() else f"~{n:.0f}"
+        fit = all_per_class.get("final_fit") or "full train"
+        return f"all\n{count}/class\n{fit},\nval-tuned"
+    if images_per_class_all:
         n = float(images_per_class_all)
         return f"all\n(~{n:.0f})" if not n.is_integer() else f"all\n({n:.0f})"
     return str(s)
@@ -1121,12 +1698,27 @@ def _fmt_float(v: Any) -> str:
     return f"{float(v):.3f}" if _is_num(v) else _DASH
 
 
-def _fmt_acc_ci(r: Mapping[str, Any]) -> str:
+def _fmt_acc_ci(r: Mapping[str, Any], labels: Sequence[Any] | None = None) -> str:
+    """Accuracy [95% interval]: Wilson's score interval from the row's per-image results when it has them (no seed,
+    so the printed ends are fixed), else the interval recorded with the row."""
     if not _is_num(r.get("accuracy")):
         return _DASH
-    ci = _ci(r)
+    ci = _wilson_of(r, labels) or _ci(r)
     acc = f"{float(r['accuracy']):.3f}"
     return f"{acc} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else acc
+
+
+def _wilson_of(r: Mapping[str, Any], labels: Sequence[Any] | None = None) -> tuple[float, float] | None:
+    """Wilson's 95% interval of a row's accuracy from its ``test_predictions`` and labels (the row's own, else
+    ``labels``); None when they are missing or do not reproduce the row's accuracy."""
+    preds = r.get("test_predictions")
+    ys = r.get("test_labels") if r.get("test_labels") is not None else labels
+    if not isinstance(preds, Sequence) or isinstance(preds, str) or not preds or ys is None or len(ys) != len(preds):
+        return None
+    k = int(np.sum(np.asarray(preds) == np.asarray(ys)))
+    if _is_num(r.get("accuracy")) and abs(k / len(preds) - float(r["accuracy"])) > 1e-9:
+        return None
+    return wilson_interval(k, len(preds), level=LEVEL)
 
 
 def _fmt_seconds(s: Any) -> str:
@@ -1186,6 +1778,470 @@ def _fmt_hvalue(v: Any) -> str:
 # ----------------------------------------------------------------------------------------------
 # selection, pairing, budget and few-shot helpers
 # ----------------------------------------------------------------------------------------------
+
+
+def _val_key(it: Mapping[str, Any]) -> float:
+    """Val accuracy rounded so that the same fraction of val images computed twice compares equal."""
+    return round(float(it["val_accuracy"]), 12)
+
+
+def _n_val(r: Mapping[str, Any]) -> int | None:
+    if _is_num(r.get("n_val")) and int(r["n_val"]) > 0:
+        return int(r["n_val"])
+    pos = r.get("val_positions")
+    return len(pos) if isinstance(pos, Sequence) and not isinstance(pos, str) and len(pos) else None
+
+
+def _fine_tune_epochs(r: Mapping[str, Any]) -> int | None:
+    """Fine-tuning epochs behind the reported model: ``fine_tune_epochs``, else the chosen ``epochs``, else
+    ``best_epoch`` (0 = LP-FT's probe, before any update)."""
+    hp = r.get("hyperparameters") if isinstance(r.get("hyperparameters"), Mapping) else {}
+    for v in (r.get("fine_tune_epochs"), hp.get("epochs"), r.get("best_epoch")):
+        if _is_num(v):
+            return int(v)
+    return None
+
+
+def _layer_candidates(ds: Mapping[str, Any], heads: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The layer-wise probes as candidates of the features family. The deepest point is left out when it is
+    the logreg head on the pooled features itself (same val and test accuracy): the same model twice."""
+    pts = [p for p in _layer_points(ds.get("layerwise") or []) if _is_num(p.get("val_accuracy"))]
+    logreg = next((r for r in heads if r.get("strategy") == "logreg"), None)
+    out = []
+    for i, p in enumerate(pts):
+        same = (
+            logreg is not None
+            and i == len(pts) - 1
+            and math.isclose(float(p["val_accuracy"]), float(logreg.get("val_accuracy", math.nan)), abs_tol=1e-12)
+            and math.isclose(float(p["accuracy"]), float(logreg.get("accuracy", math.nan)), abs_tol=1e-12)
+        )
+        if same:
+            continue
+        layer = p.get("layer", p["depth"])
+        out.append({**p, "family": FEATURES, "strategy": f"logreg on {layer}", "_layer": layer})
+    return out
+
+
+def _pairable(head: Mapping[str, Any], tune: Mapping[str, Any], ds: Mapping[str, Any]) -> bool:
+    return not isinstance(_paired_inputs(head, tune, ds), str)
+
+
+def _pair(
+    head: Mapping[str, Any], tune: Mapping[str, Any], ds: Mapping[str, Any], *, n_boot: int = 0, seed: int = 0
+) -> tuple[dict[str, Any] | None, str | None]:
+    """(paired_comparison of tune against head, None) or (None, why not)."""
+    inputs = _paired_inputs(head, tune, ds)
+    if isinstance(inputs, str):
+        return None, inputs
+    y, pred_tune, pred_head = inputs
+    return paired_comparison(y, pred_tune, pred_head, n_boot=n_boot, seed=seed, level=LEVEL), None
+
+
+def _head_name(r: Mapping[str, Any] | None) -> str:
+    return f"the feature head ({r.get('strategy')})" if r is not None else "the feature head"
+
+
+def _tune_name(r: Mapping[str, Any] | None) -> str:
+    return f"fine-tuning ({r.get('strategy')})" if r is not None else "fine-tuning"
+
+
+def _observed(r: Mapping[str, Any], t: str, h: str) -> str:
+    return f"{t} − {h} = {_fmt_points(r['diff'], signed=True)} points{_fmt_points_ci(r['ci'])}, McNemar {_fmt_p(r['p_value'])}"
+
+
+def _val_score(it: Mapping[str, Any], n_val: int | None) -> str:
+    v = float(it["val_accuracy"])
+    return f"{int(round(v * n_val))}/{n_val} val images" if n_val else f"val {v:.3f}"
+
+
+def _images(k: int) -> str:
+    return f"{k} val image{'s' if k != 1 else ''}"
+
+
+def _probe_words(r: Mapping[str, Any]) -> str:
+    refit = " (refit on train + val)" if r.get("final_fit") == "train+val" else ""
+    if str(r.get("strategy")) == "head":
+        return "never updates the backbone (it trains a linear layer on the frozen features)"
+    if str(r.get("strategy")) == "lp-ft" and _fine_tune_epochs(r) == 0:
+        return f"kept its epoch-0 model: the linear probe{refit}, with 0 fine-tuning epochs and no backbone update"
+    return "kept a model that never updated the backbone (0 fine-tuning epochs)"
+
+
+def _fmt_choice(r: Mapping[str, Any]) -> str:
+    return f"(val {_fmt_float(r.get('val_accuracy'))}, test {_fmt_acc_ci(r)})"
+
+
+def _chosen_sentence(cmp: Mapping[str, Any], failed_note: str) -> str:
+    feat, pooled, tune = cmp["features"], cmp["pooled_head"], cmp["finetune"]
+    if feat is not None and feat.get("_layer") is not None:
+        dim = f"{feat['dim']}-d, " if feat.get("dim") is not None else ""
+        val = _fmt_float(feat.get("val_accuracy"))
+        fpart = f"among the features, a logistic-regression probe on {feat['_layer']} ({dim}val {val}, test {_fmt_acc_ci(feat)})"
+        if pooled is not None:
+            fpart += f", ahead on val of the best head on the pooled features, {pooled.get('strategy')} {_fmt_choice(pooled)};"
+    else:
+        fpart = f"the feature head {(feat or pooled).get('strategy')} {_fmt_choice(feat or pooled)}"
+    tpart = f"fine-tuning {tune.get('strategy')} {_fmt_choice(tune)}"
+    if cmp["probe_kept"]:
+        tpart += f", which {_probe_words(tune)}"
+    return f"Chosen on val: {fpart} and {tpart}{failed_note}."
+
+
+def _probe_sentences(cmp: Mapping[str, Any]) -> list[str]:
+    out = ["No fine-tuning update beat the probe on val: fine-tuning added nothing here at this budget."]
+    trained, r, tune, head = cmp["trained"], cmp["trained_paired"], cmp["finetune"], cmp["head"]
+    if trained is None:
+        out.append("No fine-tuning run updated the backbone, so fine-tuning proper was not measured on this dataset.")
+        return out
+    n_val = (cmp["choices"].get("finetune") or {}).get("n_val")
+    gap = float(tune["val_accuracy"]) - float(trained["val_accuracy"])
+    behind = f"{_images(int(round(gap * n_val)))} behind" if n_val else f"{_fmt_points(gap)} points behind"
+    text = (
+        f"Of the runs that updated the backbone, {trained.get('strategy')} came closest on val (val "
+        f"{_fmt_float(trained.get('val_accuracy'))}, {behind} the probe's {_fmt_float(tune.get('val_accuracy'))}; "
+        f"test {_fmt_acc_ci(trained)})"
+    )
+    if r is not None:
+        text += f"; paired with {_head_name(head)}: {_observed(r, _tune_name(trained), _head_name(head))}"
+    out.append(text + "; val preferred the probe, so this is for reference, not the verdict.")
+    return out
+
+
+def _paired_sentence(cmp: Mapping[str, Any]) -> str:
+    head, tune, r = cmp["head"], cmp["finetune"], cmp["paired"]
+    h, t = _head_name(head), _tune_name(tune)
+    if r is None:
+        return (
+            f"No paired comparison is possible: {cmp['why']}; test accuracies alone cannot say which is better, "
+            "so no verdict is given."
+        )
+    n, diff, (lo, hi), p, mde = r["n"], r["diff"], r["ci"], r["p_value"], r["mde"]
+    if p < ALPHA:  # the interval excludes 0 exactly then (featx.metrics.paired_difference_interval)
+        winner, (a, b) = (t, (lo, hi)) if diff > 0 else (h, (-hi, -lo))
+        return (
+            f"{winner[0].upper()}{winner[1:]} is better by {_fmt_points(diff)} points [{_fmt_points(a)}, {_fmt_points(b)}], "
+            f"McNemar {_fmt_p(p)} (paired over n = {n} test images)."
+        )
+    return (
+        f"No difference detectable at this test size (n = {n}): {_observed(r, t, h)}; "
+        f"differences under {_fmt_points(mde)} points would go unseen."
+    )
+
+
+def _holm_sentence(cmp: Mapping[str, Any], family: Mapping[str, Any] | None) -> str:
+    r = cmp.get("paired")
+    if not family or r is None or family.get("holm_p") is None or int(family.get("k") or 0) < 2:
+        return ""
+    k, adj = int(family["k"]), float(family["holm_p"])
+    if r["p_value"] >= ALPHA:
+        return ""
+    who = "fine-tuning" if r["diff"] > 0 else "the head"
+    if adj < ALPHA:
+        return f"That holds after Holm's correction across the report's {k} paired verdicts (adjusted {_fmt_p(adj)})."
+    return (
+        f"Across the report's {k} paired verdicts, Holm's correction gives adjusted {_fmt_p(adj)}: not significant at "
+        f"{ALPHA} family-wise, so this is not a clear win for {who} across the report."
+    )
+
+
+def _close_call_sentences(cmp: Mapping[str, Any]) -> list[str]:
+    out = []
+    now = verdict_word(cmp)
+    for fam, label in (("features", "feature-head"), ("finetune", "fine-tuning")):
+        d = cmp["choices"].get(fam)
+        ru = cmp["runner_ups"].get(fam)
+        if not d or not d["close"] or ru is None:
+            continue
+        chosen, runner, nv = d["chosen"], d["runner_up"], d["n_val"]
+        if d["tied"]:
+            names = [_name_of(chosen), *(_name_of(t) for t in d["tied"])]
+            listed = ", ".join(names[:-1]) + " and " + names[-1]
+            how = (
+                f"the lower val log-loss chose {_name_of(chosen)}"
+                if d["decided_by"] == "val log-loss"
+                else f"no val log-loss was recorded to break the tie, so the grid's order chose {_name_of(chosen)}"
+            )
+            every = "both" if len(names) == 2 else "all"
+            text = f"The {label} choice is a tie on val: {listed} {every} scored {_val_score(chosen, nv)}; {how}."
+        else:
+            level = [_name_of(it) for it in d["ranked"][2:] if _val_key(it) == _val_key(runner)]
+            level_names = ", ".join(level[:-1]) + " and " + level[-1] if len(level) > 1 else "".join(level)
+            also = f" (with {level_names} level with {_name_of(runner)})" if level else ""
+            text = (
+                f"The {label} choice was decided by one val image: {_name_of(chosen)} scored {_val_score(chosen, nv)} against "
+                f"{_name_of(runner)}'s {_val_score(runner, nv)}{also}."
+            )
+        row, paired, against = ru["row"], ru["paired"], ru["against"]
+        then = f"Had {_name_of(row)} been chosen, its test accuracy is {_fmt_acc_ci(row)}"
+        if fam == "finetune" and backbone_updated(row) is False:
+            then += f", but it {_probe_words(row)}"
+            word = "probe_only"
+        elif paired is not None:
+            if fam == "features":
+                then += f"; {_observed(paired, _tune_name(against), _head_name(row))}"
+            else:
+                then += f"; {_observed(paired, _tune_name(row), _head_name(against))}"
+            word = "no_difference" if paired["p_value"] >= ALPHA else ("finetune" if paired["diff"] > 0 else "head")
+        else:
+            then += " (it cannot be paired: no per-image test predictions)"
+            word = None
+        if word is not None:
+            then += f'; the verdict on this dataset alone would read "{_WORDS[word]}"'
+            then += ", as now" if word == now else ", not as now"
+        out += [text, then + "."]
+    return out
+
+
+def _name_of(it: Mapping[str, Any]) -> str:
+    return str(it.get("strategy"))
+
+
+def _epoch_budget(r: Mapping[str, Any]) -> Any:
+    return r.get("epochs_budget") or r.get("epochs_run")
+
+
+def _more_epochs(n: int) -> int:
+    """The one follow-up rule for an epoch budget that was still improving: double it, at least 5 more."""
+    return max(2 * n, n + 5)
+
+
+def _grid_entries(r: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The searched points of a row as flat dicts (parameters, val_accuracy, epochs fields), from a head's
+    ``sweep``/``curve`` or fine-tuning's ``grid``."""
+    entries = r.get("sweep") or r.get("curve") or r.get("grid") or []
+    out = []
+    if not isinstance(entries, list):
+        return out
+    for e in entries:
+        if not isinstance(e, Mapping):
+            continue
+        flat = dict(e)
+        if isinstance(e.get("params"), Mapping):
+            flat.pop("params")
+            flat.update(e["params"])
+        out.append(flat)
+    return out
+
+
+def _searched_params(r: Mapping[str, Any]) -> list[str]:
+    """The hyper-parameters a row's grid searched: keys of its chosen ``hyperparameters`` that take numeric
+    values in the grid (derived ones such as the RBF SVM's gamma left out), in the chosen dict's order."""
+    hp = r.get("hyperparameters") if isinstance(r.get("hyperparameters"), Mapping) else {}
+    entries = _grid_entries(r)
+    keys = [k for k in hp if k != "epochs" and DERIVED_PARAMS.get(k) not in hp]
+    return [k for k in keys if any(_is_num(e.get(k)) for e in entries)]
+
+
+def _improving_grid_points(r: Mapping[str, Any]) -> list[dict[str, Any]]:
+    budget = _epoch_budget(r)
+    out = []
+    for e in _grid_entries(r):
+        flag = e.get("still_improving")
+        if flag is None:
+            best, run = e.get("best_epoch"), e.get("epochs_run")
+            flag = all(_is_num(v) for v in (best, run, budget)) and int(best) == int(run) == int(budget)
+        if flag:
+            out.append(e)
+    return out
+
+
+def _describe_points(points: Sequence[Mapping[str, Any]], r: Mapping[str, Any]) -> str:
+    """Grid points in few words: only the parameters whose values among ``points`` are not every value searched."""
+    entries = _grid_entries(r)
+    parts = []
+    for k in _searched_params(r):
+        every = sorted({float(e[k]) for e in entries if _is_num(e.get(k))})
+        vals = sorted({float(p[k]) for p in points if _is_num(p.get(k))})
+        if len(every) > 1 and vals and vals != every:
+            parts.append(f"{k}={' or '.join(_fmt_hvalue(v) for v in vals)}")
+    return ", ".join(parts) if parts else "every grid point"
+
+
+def _beyond_edge(r: Mapping[str, Any], k: str, side: str) -> float | int | None:
+    """The next value past an edge of a grid axis, one grid step further (geometric when the axis is positive)."""
+    vals = _grid_values(r).get(k, [])
+    if len(vals) < 2:
+        return None
+    if side == "smallest":
+        if vals[0] <= 0:
+            return None
+        nxt = vals[0] * vals[0] / vals[1]
+    else:
+        nxt = vals[-1] * vals[-1] / vals[-2] if vals[-2] > 0 else 2 * vals[-1]
+    if all(float(v).is_integer() for v in vals):
+        return int(round(nxt))
+    return float(f"{nxt:.1g}")
+
+
+def _probe_methods(ds: Mapping[str, Any]) -> list[str]:
+    """Few-shot method names (``finetune:<strategy>``) whose full-data row never updated the backbone."""
+    return [
+        f"{FINETUNE}:{r.get('strategy')}"
+        for r in ds.get("rows") or []
+        if _row_ok(r) and r.get("family") == FINETUNE and backbone_updated(r) is False
+    ]
+
+
+def _all_per_class(ds: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What the "all" point of the few-shot curve trained on: ``{"n_fit", "per_class", "final_fit"}``."""
+    n_classes = len(ds.get("classes") or [])
+    pts = [p for p in ds.get("fewshot") or [] if _norm_shot(p.get("shots")) == "all" and _is_num(p.get("n_fit"))]
+    n_fit = max((int(p["n_fit"]) for p in pts), default=None)
+    if n_fit is None and _is_num(ds.get("n_fit")):
+        n_fit = int(ds["n_fit"])
+    if n_fit is None:
+        n_fit = max((int(r["n_fit"]) for r in ds.get("rows") or [] if _row_ok(r) and _is_num(r.get("n_fit"))), default=None)
+    if n_fit is None or n_classes < 1:
+        return None
+    fits = {str(r.get("final_fit")) for r in ds.get("rows") or [] if _row_ok(r) and r.get("final_fit")}
+    final_fit = ds.get("final_fit") or (fits.pop() if len(fits) == 1 else None)
+    return {"n_fit": n_fit, "per_class": n_fit / n_classes, "final_fit": final_fit}
+
+
+def _search_summary(ds: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """What each row searched on val, from its own grid: configurations, values per hyper-parameter, epochs."""
+    out = []
+    for r in ds.get("rows") or []:
+        if not _row_ok(r):
+            continue
+        entries = _grid_entries(r)
+        if not entries:
+            continue
+        params = [(k, len({float(e[k]) for e in entries if _is_num(e.get(k))})) for k in _searched_params(r)]
+        epochs = _epoch_budget(r) if r.get("family") == FINETUNE else None
+        out.append(
+            {
+                "family": r.get("family"),
+                "strategy": str(r.get("strategy")),
+                "n": len(entries),
+                "params": params,
+                "epochs": int(epochs) if _is_num(epochs) else None,
+                "epoch0": r.get("family") == FINETUNE and str(r.get("strategy")) == "lp-ft",
+            }
+        )
+    return out
+
+
+def _span(values: Sequence[int]) -> str:
+    lo, hi = min(values), max(values)
+    return str(lo) if lo == hi else f"{lo}–{hi}"
+
+
+def _merge_search(per_dataset: Sequence[Sequence[Mapping[str, Any]]]) -> str:
+    """ "heads: logreg 9–13 C values, …; fine-tuning: full 4 (2 lr × 2 weight_decay) × ≤ 3 epochs, …" over datasets."""
+    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for entries in per_dataset:
+        for e in entries:
+            groups.setdefault((str(e["family"]), e["strategy"]), []).append(e)
+    parts: dict[str, list[str]] = {}
+    for (fam, strategy), es in groups.items():
+        names = list(dict.fromkeys(k for e in es for k, _ in e["params"]))
+        counts = {k: [c for e in es for kk, c in e["params"] if kk == k] for k in names}
+        n = _span([e["n"] for e in es])
+        if len(names) == 1:
+            text = f"{strategy} {n} {names[0]} value{'s' if n != '1' else ''}"
+        elif names:
+            text = f"{strategy} {n} ({' × '.join(f'{_span(counts[k])} {k}' for k in names)})"
+        else:
+            text = f"{strategy} {n} setting{'s' if n != '1' else ''}"
+        epochs = [e["epochs"] for e in es if e["epochs"] is not None]
+        if epochs:
+            text += f" × ≤ {_span(epochs)} epochs" + (" (+ epoch 0, the probe)" if any(e["epoch0"] for e in es) else "")
+        parts.setdefault(fam, []).append(text)
+    labels = {FEATURES: "heads", FINETUNE: "fine-tuning"}
+    return "; ".join(f"{labels.get(f, f)}: {', '.join(t)}" for f, t in sorted(parts.items(), key=lambda x: x[0] != FEATURES))
+
+
+def _unchanged_counts(ds: Mapping[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    """(family, parameter) -> how often varying that parameter alone (the others fixed) left the val accuracy
+    exactly unchanged: ``{"unchanged", "total", "probe", "by": {strategy: [unchanged, total]}}``; ``probe`` counts
+    the unchanged cases where every run kept LP-FT's epoch-0 probe (where lr and weight decay never act)."""
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in ds.get("rows") or []:
+        if not _row_ok(r):
+            continue
+        entries = [e for e in _grid_entries(r) if _is_num(e.get("val_accuracy"))]
+        params = _searched_params(r)
+        for k in params:
+            others = [p for p in params if p != k]
+            groups: dict[tuple[Any, ...], list[Mapping[str, Any]]] = {}
+            for e in entries:
+                groups.setdefault(tuple(e.get(p) for p in others), []).append(e)
+            for g in groups.values():
+                if len({float(e[k]) for e in g if _is_num(e.get(k))}) < 2:
+                    continue
+                vals = [float(e["val_accuracy"]) for e in g]
+                same = max(vals) - min(vals) <= 1e-12
+                rec = out.setdefault((str(r.get("family")), k), {"unchanged": 0, "total": 0, "probe": 0, "by": {}})
+                by = rec["by"].setdefault(str(r.get("strategy")), [0, 0])
+                rec["total"] += 1
+                by[1] += 1
+                if same:
+                    rec["unchanged"] += 1
+                    by[0] += 1
+                    rec["probe"] += all(e.get("backbone_updated") is False or e.get("best_epoch") == 0 for e in g)
+    return out
+
+
+def _unchanged_text(counts: Sequence[Mapping[tuple[str, str], Mapping[str, Any]]], *, across: bool) -> str:
+    total: dict[tuple[str, str], dict[str, Any]] = {}
+    for c in counts:
+        for key, rec in c.items():
+            t = total.setdefault(key, {"unchanged": 0, "total": 0, "probe": 0, "by": {}})
+            for f in ("unchanged", "total", "probe"):
+                t[f] += rec[f]
+            for s, (u, n) in rec["by"].items():
+                b = t["by"].setdefault(s, [0, 0])
+                b[0] += u
+                b[1] += n
+    labels = {FEATURES: "heads", FINETUNE: "fine-tuning"}
+    parts = []
+    for (fam, k), t in sorted(total.items(), key=lambda x: (x[0][0] != FINETUNE, x[0][1])):
+        if not t["unchanged"]:
+            continue
+        by = ", ".join(f"{s} {u} of {n}" for s, (u, n) in t["by"].items() if n)
+        text = f"{labels.get(fam, fam)} {k}: no change in {t['unchanged']} of the {t['total']} comparisons where it alone varied"
+        text += f" ({'over all datasets; ' if across else ''}{by}"
+        if t["probe"]:
+            text += f"; in {t['probe']} of them every run kept LP-FT's epoch-0 probe, where {k} cannot act"
+        parts.append(text + ")")
+    return "; ".join(parts)
+
+
+def _fmt_augment_op(op: Any) -> str:
+    """One augmentation as recorded: a name, or featx.finetuning's ``{"name", "op", <parameters>}`` record."""
+    if not isinstance(op, Mapping):
+        return str(op)
+
+    def value(v: Any) -> str:
+        if isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_num(x) for x in v):
+            return f"{float(v[0]):.3g}–{float(v[1]):.3g}"
+        return f"{float(v):.3g}" if _is_num(v) else str(v)
+
+    params = [f"{k} {value(v)}" for k, v in op.items() if k not in ("name", "op")]
+    return str(op.get("name", op.get("op", "?"))) + (f" ({', '.join(params)})" if params else "")
+
+
+def _augment_text(datasets: Mapping[str, Mapping[str, Any]]) -> str:
+    seen: dict[str, list[tuple[str, ...]]] = {}
+    for ds in datasets.values():
+        for r in ds.get("rows") or []:
+            if _row_ok(r) and r.get("family") == FINETUNE and isinstance(r.get("augment"), (list, tuple)):
+                aug = tuple(_fmt_augment_op(a) for a in r["augment"])
+                if aug not in seen.setdefault(str(r.get("strategy")), []):
+                    seen[str(r.get("strategy"))].append(aug)
+    if not seen:
+        return ""
+
+    def words(augs: list[tuple[str, ...]]) -> str:
+        return " or ".join(", ".join(a) if a else "none" for a in augs)
+
+    variants = {words(v) for v in seen.values()}
+    if len(variants) == 1:
+        tune = f"fine-tuning ({', '.join(seen)}): {variants.pop()}"
+    else:
+        tune = "fine-tuning: " + "; ".join(f"{s} {words(v)}" for s, v in seen.items())
+    return "heads: none — features of the centre crop (the weights' own preprocessing); " + tune
 
 
 def _position_key(p: Any) -> Any:
@@ -1249,32 +2305,6 @@ def _paired_inputs(
     return y_h, np.asarray(preds["finetune"])[order], np.asarray(preds["head"])
 
 
-def _paired_sentence(cmp: Mapping[str, Any]) -> str:
-    head, tune, r = cmp["head"], cmp["finetune"], cmp["paired"]
-    h, t = f"the feature head ({head.get('strategy')})", f"fine-tuning ({tune.get('strategy')})"
-    if r is None:
-        return (
-            f"No paired comparison is possible: {cmp['why']}; test accuracies alone cannot say which is better, "
-            "so no verdict is given."
-        )
-    n, diff, (lo, hi), p, mde = r["n"], r["diff"], r["ci"], r["p_value"], r["mde"]
-    sig_p, sig_ci = p < ALPHA, (lo > 0 or hi < 0)
-    unseen = f"differences under {_fmt_points(mde)} points would go unseen"
-    if sig_p and sig_ci:
-        winner, (a, b) = (t, (lo, hi)) if diff > 0 else (h, (hi, lo))
-        return (
-            f"{winner[0].upper()}{winner[1:]} is better by {_fmt_points(diff)} points [{_fmt_points(a)}, {_fmt_points(b)}], "
-            f"McNemar {_fmt_p(p)} (paired over n = {n} test images)."
-        )
-    observed = f"{t} − {h} = {_fmt_points(diff, signed=True)} points{_fmt_points_ci((lo, hi))}, McNemar {_fmt_p(p)}"
-    if sig_p or sig_ci:
-        return (
-            f"The evidence is borderline (n = {n} test images): {observed}; the test and the interval disagree, so no "
-            f"difference is claimed, and {unseen}."
-        )
-    return f"No difference detectable at this test size (n = {n}): {observed}; {unseen}."
-
-
 def _fmt_p(p: float) -> str:
     if p < 0.001:
         return "p < 0.001"
@@ -1317,7 +2347,7 @@ def _grid_values(r: Mapping[str, Any]) -> dict[str, list[float]]:
             continue
         params = e.get("params") if isinstance(e.get("params"), Mapping) else e
         for k, v in params.items():
-            if k not in ("val_accuracy", "best_epoch", "seconds", "epochs") and _is_num(v):
+            if k not in _NOT_PARAMS and not str(k).endswith("seconds") and _is_num(v):
                 values.setdefault(k, set()).add(float(v))
     return {k: sorted(v) for k, v in values.items()}
 
@@ -1325,14 +2355,18 @@ def _grid_values(r: Mapping[str, Any]) -> dict[str, list[float]]:
 # Hyper-parameters computed from another one that the grid searches (rbf-svm: gamma = gamma_scale / (n_features *
 # the features' variance)); an edge is reported for the searched one only.
 DERIVED_PARAMS = {"gamma": "gamma_scale"}
+# Fields of a grid point that are results or bookkeeping, not searched hyper-parameters.
+_NOT_PARAMS = ("val_accuracy", "val_log_loss", "best_epoch", "epochs", "epochs_run", "seconds", "fine_tune_epochs")
 
 
 def _grid_edges(r: Mapping[str, Any]) -> list[tuple[str, Any, str]] | None:
     """None when the chosen hyper-parameters are inside their grid (or nothing says otherwise); else the
     (parameter, value, "smallest"|"largest") edges hit, [] when the row only says "at an edge".
 
-    Heads carry ``at_grid_edge``; for fine-tuning it is worked out from ``grid``, and only for a parameter
-    searched over at least three values (with two, every choice is an edge and says nothing).
+    Heads carry ``at_grid_edge`` (featx.heads knows their natural bounds, e.g. k = 1 for k-NN); for fine-tuning
+    it is worked out from ``grid`` for every parameter searched over two values or more (with two, every choice
+    is an edge: that is worth saying, as the grid then says nothing about what lies beyond it), except a smallest
+    value of 0 or less, which cannot be widened (no weight decay).
     """
     hp = r.get("hyperparameters") if isinstance(r.get("hyperparameters"), Mapping) else {}
     grid = _grid_values(r)
@@ -1341,10 +2375,11 @@ def _grid_edges(r: Mapping[str, Any]) -> list[tuple[str, Any, str]] | None:
         if DERIVED_PARAMS.get(k) in hp:  # e.g. rbf-svm's gamma follows from gamma_scale: one choice, named once
             continue
         vals = grid.get(k, [])
-        if not _is_num(v) or len(vals) < (2 if r.get("family") == FEATURES else 3):
+        if not _is_num(v) or len(vals) < 2:
             continue
-        if math.isclose(float(v), vals[0], rel_tol=1e-9):
-            edges.append((k, v, "smallest"))
+        if math.isclose(float(v), vals[0], rel_tol=1e-9, abs_tol=1e-15):
+            if float(v) > 0 or r.get("family") == FEATURES:
+                edges.append((k, v, "smallest"))
         elif math.isclose(float(v), vals[-1], rel_tol=1e-9):
             edges.append((k, v, "largest"))
     flag = r.get("at_grid_edge")
@@ -1408,19 +2443,20 @@ def _fewshot_difference(
         if h_row is not None and t_row is not None:
             inputs = _paired_inputs(h_row, t_row, {})
             if not isinstance(inputs, str):
-                from featx.metrics import paired_comparison
-
                 r = paired_comparison(*inputs, level=LEVEL)
                 lo, hi = r["ci"]
                 sig = r["p_value"] < ALPHA and (lo > 0 or hi < 0)
                 status = ("finetune" if r["diff"] > 0 else "head") if sig else "unclear"
+                probe = backbone_updated(t_row) is False
                 return {
                     "shots": shot,
                     "diff": r["diff"],
                     "ci": (lo, hi),
                     "n": r["n"],
-                    "basis": f"paired over {r['n']} test images (McNemar {_fmt_p(r['p_value'])})",
-                    "status": status,
+                    "basis": f"paired over {r['n']} test images (McNemar {_fmt_p(r['p_value'])})"
+                    + ("; the fine-tuning model is its epoch-0 probe" if probe else ""),
+                    "status": "probe" if probe else status,
+                    "probe": probe,
                 }
     per: dict[str, dict[Any, list[float]]] = {head: {}, tune: {}}
     for p in points:
@@ -1465,7 +2501,7 @@ def _interval_basis(per_shot: Sequence[Mapping[str, Any]]) -> str:
     if any("draw" in p["basis"] and p["ci"] for p in per_shot):
         parts.append("95% t-intervals over the draws both families ran")
     if any(p["basis"].startswith("paired over") for p in per_shot):
-        parts.append('at "all" a paired bootstrap interval over test images')
+        parts.append('at "all" an exact paired interval over test images')
     if any(p["ci"] is None for p in per_shot):
         parts.append("a single draw has no interval")
     return "; ".join(parts) if parts else "no intervals"
@@ -1516,7 +2552,11 @@ def _fewshot_stats(points: Sequence[Mapping[str, Any]]) -> dict[str, dict[Any, d
     return out
 
 
-def _fewshot_caption(points: Sequence[Mapping[str, Any]], stats: Mapping[str, Mapping[Any, Mapping[str, float]]]) -> str:
+def _fewshot_caption(
+    points: Sequence[Mapping[str, Any]],
+    stats: Mapping[str, Mapping[Any, Mapping[str, float]]],
+    all_info: Mapping[str, Any] | None = None,
+) -> str:
     has_all = any("all" in per for per in stats.values())
     text = (
         "Test accuracy per shot count and method: the mean over draws ± the half-width of its 95% t-interval, with n "
@@ -1532,7 +2572,19 @@ def _fewshot_caption(points: Sequence[Mapping[str, Any]], stats: Mapping[str, Ma
         parts = [f"{fam} {words.get(sel, sel)} ({n} fits)" for (fam, sel), n in sorted(counts.items())]
         text += " Few-shot hyper-parameters came from: " + "; ".join(parts) + "."
     if has_all:
-        text += ' "all" is the full-data grid above (hyper-parameters chosen on val).'
+        if all_info:
+            fit = (
+                "train + val"
+                if all_info.get("final_fit") == "train+val"
+                else (all_info.get("final_fit") or "the full training set")
+            )
+            text += (
+                f' "all" is the full-data grid above: its models trained on {fit} ({all_info["n_fit"]} images, about '
+                f"{all_info['per_class']:.0f} per class) with hyper-parameters chosen on val, while the few-shot draws saw no "
+                'val labels; the plot places "all" at that count and marks the change of regime with a dotted segment.'
+            )
+        else:
+            text += ' "all" is the full-data grid above (hyper-parameters chosen on val).'
     return text
 
 
@@ -1600,10 +2652,11 @@ def _fmt_epochs(r: Mapping[str, Any]) -> str:
     text = f"{int(best) if _is_num(best) else _DASH} / {int(run) if _is_num(run) else _DASH}"
     if _is_num(budget) and _is_num(run) and int(budget) != int(run):
         text += f" (budget {int(budget)})"
-    return text + (f" {_IMPROVING_MARK}" if _still_improving(r) else "")
+    text += f" {_IMPROVING_MARK}" if _still_improving(r) else ""
+    return text + (" probe" if r.get("family") == FINETUNE and backbone_updated(r) is False else "")
 
 
-def _layerwise_sentence(points: Sequence[Mapping[str, Any]]) -> str:
+def _layerwise_sentence(points: Sequence[Mapping[str, Any]], ds: Mapping[str, Any] | None = None) -> str:
     pts = _layer_points(points)
     if not pts:
         return ""
@@ -1620,6 +2673,13 @@ def _layerwise_sentence(points: Sequence[Mapping[str, Any]]) -> str:
             "the plot shows each layer's test accuracy."
         )
     text = f"A logistic-regression probe per layer; the layer chosen on val is {describe(chosen)}."
-    if chosen is deepest:
-        return text + " That is the deepest layer tapped."
-    return text + f" The deepest layer tapped is {describe(deepest)}."
+    text += " That is the deepest layer tapped." if chosen is deepest else f" The deepest layer tapped is {describe(deepest)}."
+    if ds is not None:
+        feat = (family_choices(ds).get("features") or {}).get("chosen")
+        if feat is not None and feat.get("_layer") is not None:
+            paired = isinstance(feat.get("test_predictions"), Sequence) and bool(feat.get("test_predictions"))
+            text += (
+                f" It is ahead on val of every head on the pooled features, so it is the features family's choice in the "
+                f"verdict below{'' if paired else ' (unpaired: the layer points carry no per-image test predictions)'}."
+            )
+    return text

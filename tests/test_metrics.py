@@ -1,4 +1,5 @@
-"""featx.metrics against hand-computed values and scipy/sklearn references: absent classes, CIs, McNemar, MDE."""
+"""featx.metrics against hand-computed values and scipy/sklearn references: absent classes, CIs, McNemar, MDE, the
+seed-free paired interval (never at odds with McNemar), Wilson intervals and Holm's correction."""
 
 from __future__ import annotations
 
@@ -11,7 +12,16 @@ from scipy.stats import binom, binomtest, norm
 from sklearn.metrics import f1_score, recall_score
 
 from featx.errors import UsageError
-from featx.metrics import bootstrap_interval, classification_metrics, minimum_detectable_difference, paired_comparison
+from featx.metrics import (
+    bootstrap_interval,
+    classification_metrics,
+    holm_adjust,
+    mcnemar_exact_p,
+    minimum_detectable_difference,
+    paired_comparison,
+    paired_difference_interval,
+    wilson_interval,
+)
 
 # ---------------------------------------------------------------------------------------------- classification_metrics
 
@@ -173,7 +183,7 @@ def test_paired_bootstrap_matches_brute_force_enumeration_of_all_resamples() -> 
     assert not np.any(np.abs(cdf - 0.025) < 0.004) and not np.any(np.abs(cdf - 0.975) < 0.004)
     r = paired_comparison(y, a, b, n_boot=40_000, seed=1)
     assert r["diff"] == pytest.approx(1 / 6)
-    assert r["ci"] == [pytest.approx(exact_lo), pytest.approx(exact_hi)]
+    assert r["ci_bootstrap"] == [pytest.approx(exact_lo), pytest.approx(exact_hi)]
     assert (r["n10"], r["n01"]) == (2, 1)
 
 
@@ -182,7 +192,10 @@ def test_identical_predictions_give_p_one_zero_diff_and_a_rule_of_three_mde() ->
     a = y.copy()
     a[:10] = (a[:10] + 1) % 3
     r = paired_comparison(y, a, a.copy())
-    assert r["diff"] == 0 and r["ci"] == [0.0, 0.0] and r["p_value"] == 1.0
+    assert r["diff"] == 0 and r["p_value"] == 1.0
+    # no discordant image in 50 does not prove the difference is 0: Tango's interval, +-z^2 / (n + z^2)
+    z2 = norm.ppf(0.975) ** 2
+    assert r["ci"] == [pytest.approx(-z2 / (50 + z2)), pytest.approx(z2 / (50 + z2))]
     assert (r["n10"], r["n01"]) == (0, 0)
     assert r["mde_basis"] in ("rule_of_three", "exact_floor")
     assert r["mde"] >= 6 / 50  # the exact test needs at least 6 discordant pairs to reject at 0.05
@@ -211,3 +224,107 @@ def test_paired_comparison_refuses_unpaired_inputs() -> None:
         paired_comparison(np.array([0, 1, 1]), np.array([0, 1]), np.array([0, 1, 1]))
     with pytest.raises(UsageError, match="no test images"):
         paired_comparison(np.array([]), np.array([]), np.array([]))
+
+
+# ---------------------------------------------------------------------------------------------- seed-free intervals
+
+
+def _tango_score(n10: int, n01: int, n: int, delta: float) -> float:
+    """Tango's (1998) score statistic for H0: p10 - p01 = delta, written out from the paper (Fagerland et al. 2013)."""
+    a, b = 2 * n, -n10 - n01 + (2 * n - n10 + n01) * delta
+    c = -n01 * delta * (1 - delta)
+    q = (math.sqrt(max(b * b - 4 * a * c, 0.0)) - b) / (2 * a)
+    return (n10 - n01 - n * delta) / math.sqrt(n * (2 * q + delta * (1 - delta)))
+
+
+def test_paired_interval_never_disagrees_with_mcnemar_and_holds_the_difference() -> None:
+    for n in (40, 153):
+        for n10 in range(0, 31):
+            for n01 in range(0, 31):
+                if n10 + n01 > n:
+                    continue
+                lo, hi = paired_difference_interval(n10, n01, n)
+                p = mcnemar_exact_p(n10, n01)
+                assert lo <= (n10 - n01) / n <= hi, (n10, n01, n)
+                assert (p < 0.05) == (lo > 0 or hi < 0), (n10, n01, n, p, lo, hi)
+                assert -1 <= lo <= hi <= 1
+
+
+def test_paired_interval_holds_the_exact_conditional_and_tango_intervals() -> None:
+    from scipy.stats import beta
+
+    z = norm.ppf(0.975)
+    for n10, n01, n in ((4, 12, 153), (14, 4, 100), (12, 0, 100), (25, 19, 360)):
+        lo, hi = paired_difference_interval(n10, n01, n)
+        m = n10 + n01
+        pi_lo = beta.ppf(0.025, n10, m - n10 + 1) if n10 else 0.0
+        pi_hi = beta.ppf(0.975, n10 + 1, m - n10) if n10 < m else 1.0
+        cond = ((m / n) * (2 * pi_lo - 1), (m / n) * (2 * pi_hi - 1))
+        # Tango's ends are where the score statistic reaches +-z; the joined interval reaches at least that far
+        # (the end next to 0 may be the conditional one when McNemar's exact test rejects)
+        assert _tango_score(n10, n01, n, hi) == pytest.approx(-z, abs=1e-6) or hi == pytest.approx(cond[1])
+        assert lo <= cond[0] + 1e-12 and hi >= cond[1] - 1e-12
+        assert _tango_score(n10, n01, n, lo) == pytest.approx(z, abs=1e-6) or lo == pytest.approx(cond[0])
+    # every discordant image one way: the conditional interval would stop at the observed difference; Tango's does not
+    lo, hi = paired_difference_interval(12, 0, 100)
+    assert hi > 0.12 + 0.05 and lo == pytest.approx((12 / 100) * (2 * 0.025 ** (1 / 12) - 1))
+
+
+def test_hymenoptera_interval_does_not_move_with_the_seed() -> None:
+    """Issue 21: 4 vs 12 discordant images of 153 (McNemar p = 0.077) printed [−10.5, −0.7] with seed 0's bootstrap."""
+    y, a, b = _pair(n10=4, n01=12, both=128, neither=9)
+    printed = set()
+    for seed in range(6):
+        r = paired_comparison(y, a, b, n_boot=2000, seed=seed)
+        printed.add(tuple(f"{100 * v:.1f}" for v in r["ci"]))
+        assert r["ci_method"] == "exact-conditional+tango"
+    assert len(printed) == 1  # the printed ends are the same under every seed
+    lo, hi = r["ci"]
+    assert r["p_value"] == pytest.approx(binomtest(4, 16, 0.5).pvalue) and r["p_value"] > 0.05
+    assert lo < 0 < hi  # the test does not reject, so the interval reaches 0: they agree
+    # the bootstrap's upper end, by contrast, moves with the seed around 0 (the coin flip of the issue)
+    boot_hi = {round(paired_comparison(y, a, b, n_boot=2000, seed=s)["ci_bootstrap"][1], 4) for s in range(6)}
+    assert len(boot_hi) > 1
+
+
+def test_paired_interval_covers_at_the_nominal_level() -> None:
+    rng = np.random.default_rng(0)
+    for n, p10, p01 in ((153, 0.03, 0.08), (100, 0.1, 0.0), (360, 0.05, 0.03)):
+        truth = p10 - p01
+        draws = rng.multinomial(n, [p10, p01, 1 - p10 - p01], size=600)
+        cache: dict[tuple[int, int], tuple[float, float]] = {}
+        hits = 0
+        for k10, k01, _ in draws:
+            key = (int(k10), int(k01))
+            if key not in cache:
+                cache[key] = paired_difference_interval(*key, n)
+            hits += cache[key][0] <= truth <= cache[key][1]
+        assert hits / len(draws) >= 0.93, (n, p10, p01, hits / len(draws))
+
+
+def test_wilson_interval_hand_values_and_classification_metrics_default() -> None:
+    z = norm.ppf(0.975)
+    assert wilson_interval(0, 10) == (0.0, pytest.approx(z * z / (10 + z * z)))
+    lo, hi = wilson_interval(10, 10)
+    assert hi == 1.0 and lo == pytest.approx(10 / (10 + z * z))
+    k, n = 144, 153
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    assert wilson_interval(k, n) == (pytest.approx(centre - half), pytest.approx(centre + half))
+    y_true = np.array([0, 1] * 50)
+    y_pred = y_true.copy()
+    y_pred[:13] = 1 - y_pred[:13]
+    m = classification_metrics(y_true, y_pred, 2)
+    assert m["accuracy_ci_method"] == "wilson" and m["accuracy_ci95"] == list(wilson_interval(87, 100))
+    assert classification_metrics(y_true, y_pred, 2, seed=5)["accuracy_ci95"] == m["accuracy_ci95"]  # no seed in it
+    assert classification_metrics(y_true, y_pred, 2, bootstrap=500)["accuracy_ci_method"] == "bootstrap"
+
+
+def test_holm_adjustment_matches_hand_values() -> None:
+    assert holm_adjust([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm_adjust([0.0768, 0.0228, 0.66]) == pytest.approx([0.1536, 0.0684, 0.66])
+    assert holm_adjust([0.5]) == [0.5] and holm_adjust([]) == []
+    assert holm_adjust([0.9, 0.8]) == [1.0, 1.0]  # 2 × 0.8 capped at 1; monotone in the sorted order
+    with pytest.raises(UsageError):
+        holm_adjust([1.5])

@@ -586,7 +586,8 @@ def test_protocol_is_stated_from_meta() -> None:
     assert "lr {0.0003, 0.001, 0.003} × weight decay {0.0001}; at most 5 epochs, the epoch count chosen on val" in text
     assert "cross-validation inside the draw" in text and "Draws per shot count: heads 5, fine-tuning 3" in text
     assert "**Costs counted alike:** Wall time from image files to a trained model, for both families." in text
-    assert "McNemar's exact test" in text and "paired bootstrap" in text
+    assert "McNemar's exact test" in text and "computed from the counts" in text and "Tango's score interval" in text
+    assert "Holm's correction" in text
     assert "- seed_note: seed 0 for every split" in text  # keys the report does not know are still shown
     train_only = "\n".join(render_protocol({"protocol": {"final_fit": "train"}}))
     assert "keep the model trained on train only" in train_only
