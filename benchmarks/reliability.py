@@ -699,7 +699,7 @@ def cmd_report(args: argparse.Namespace) -> None:
     kill, damage, bad = load("kill"), load("damage"), load("badfiles")
     summary: dict[str, Any] = {"date": now()}
     md = [
-        "# Reliability: interrupted runs, damaged caches, bad files (issue 13)",
+        "# Reliability: interrupted runs, damaged caches, bad files (issue 13), hostile users (issue 20)",
         "",
         "Produced by `benchmarks/reliability.py` (see its docstring); every command is the real `featx` CLI in a",
         "fresh process, timed from outside. Raw numbers: [reliability.json](reliability.json) and",
@@ -953,6 +953,13 @@ def cmd_report(args: argparse.Namespace) -> None:
             "and the same command resumes once there is space.",
             "",
         ]
+    hostile = load("hostile")
+    if hostile:  # benchmarks/hostile.py (issue 20)
+        sys.path.insert(0, str(Path(__file__).parent))
+        from hostile import render
+
+        md += render(hostile)
+        summary["hostile"] = {"cases": len(hostile["cases"]), "as_intended": sum(r["ok"] for r in hostile["cases"])}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "reliability.md").write_text("\n".join(md))
     (RESULTS / "reliability.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")

@@ -19,6 +19,14 @@ name, cfg = sys.argv[1], sys.argv[2]
 c = yaml.safe_load(open("benchmarks/bench_cpu.yaml"))
 c["datasets"] = [d for d in c["datasets"] if d.rstrip("/").split("/")[-1] == name]
 assert c["datasets"], name
+# per-dataset settings: keep only this dataset's key (by name or path), so none warns that it matches no dataset
+for key in ("image_size", "max_train_per_class", "augment"):
+    if isinstance(c.get(key), dict):
+        mine = {k: v for k, v in c[key].items() if k in (name, c["datasets"][0]) or k.rstrip("/").split("/")[-1] == name}
+        if mine:
+            c[key] = mine
+        else:
+            del c[key]
 yaml.safe_dump(c, open(cfg, "w"))
 PY
   echo "== $name $(date -u +%H:%M:%S)"

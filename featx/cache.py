@@ -28,17 +28,28 @@ each feature row also has its crc32 in ``/features_crc32``, checked on every rea
 labels, indices, valid and those crcs (files written before these existed are read with fletcher32 alone).
 Readers turn any mismatch, truncation or unreadable structure into a one-line :class:`CacheError` naming the
 file and the fix.
+
+**Ownership.** featx deletes, replaces or resumes over only what it can prove it wrote, never following a
+symbolic link: a cache file named ``<...>-<key>.h5`` whose HDF5 attributes carry featx's markers and that key
+(damaged data does not matter; a file that does not open as HDF5 is not provably featx's), a journal folder
+whose ``journal.json`` featx wrote for that key and that holds only featx's own files, an ``.h5.tmp`` beside
+such a cache or journal, and empty or pid-holding lock files in ``.locks/`` (:func:`cache_file_problem`,
+:func:`journal_problem`). ``cache rm`` takes the key's lock without waiting, so a running extraction is never
+pulled from under; everything else is left alone and named, with how to delete it by hand.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
 import json
+import logging
 import os
 import re
-import shutil
+import shlex
+import stat
 import time
 import zlib
 from collections.abc import Iterable, Iterator
@@ -59,6 +70,13 @@ LOCK_DIR = ".locks"
 _DIGEST_ATTRS = ("attrs_sha256", "tables_sha256")
 _CHUNK_RE = re.compile(r"^chunk-(\d{9})-([0-9a-f]{16})\.npz$")
 _KEY_RE = re.compile(r"^[0-9a-f]{20}$")
+#: What featx names in a cache folder: ``<stem>-<key>.h5`` (a cache), ``.partial`` (its journal), ``.h5.tmp`` (its assembly).
+_NAME_RE = re.compile(r"^(?P<stem>.+-(?P<key>[0-9a-f]{20}))(?P<ext>\.h5|\.partial|\.h5\.tmp)$")
+#: The temporary files of :func:`write_file_atomic` inside a journal (a kill mid-write leaves one).
+_JOURNAL_TMP_RE = re.compile(r"^\.tmp-\d+-(journal\.json|chunk-\d{9}-[0-9a-f]{16}\.npz)$")
+_LOCK_RE = re.compile(r"^.+-[0-9a-f]{20}\.lock$")
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+log = logging.getLogger(__name__)
 
 
 def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -122,8 +140,208 @@ def _key_of(path: Path) -> str:
     return key if _KEY_RE.match(key) else str(path)
 
 
+# --------------------------------------------------------------------------------------------------
+# Ownership: featx removes only what it can prove it wrote
+
+
+class NotFeatxError(CacheError):
+    """A path featx cannot prove it wrote: featx never deletes, replaces or resumes over it."""
+
+    def __init__(self, path: Path, why: str) -> None:
+        self.path, self.why = Path(path), why
+        super().__init__(
+            f"featx cannot prove it wrote {path} ({why}), so it leaves it alone: "
+            f"delete it by hand if you do not need it ({_rm_command(Path(path))})"
+        )
+
+
+def _rm_command(path: Path) -> str:
+    is_dir = path.is_dir() and not path.is_symlink()
+    return f"rm {'-r ' if is_dir else ''}-- {shlex.quote(str(path))}"
+
+
+def _plain_file_problem(p: Path) -> str | None:
+    """None for a regular file (never a symbolic link, folder, FIFO, ...); else what it is."""
+    try:
+        st = os.lstat(p)
+    except FileNotFoundError:
+        return "it does not exist"
+    except OSError as exc:
+        return f"it cannot be examined: {exc.strerror or exc}"
+    if stat.S_ISLNK(st.st_mode):
+        return "it is a symbolic link"
+    if stat.S_ISDIR(st.st_mode):
+        return "it is a folder"
+    if not stat.S_ISREG(st.st_mode):
+        return "it is not a regular file"
+    return None
+
+
+def _stored_key(p: Path) -> tuple[str | None, str]:
+    """(the key in the featx attributes of HDF5 file ``p``, "") or (None, why there is none). Never raises."""
+    try:
+        import h5py
+
+        with h5py.File(p, "r") as f:
+            attrs = f.attrs
+            key, fmt, version = (_norm(attrs.get(k)) for k in ("key", "format_version", "featx_version"))
+    except Exception as exc:  # not HDF5, truncated, a damaged attribute heap: nothing to prove it with
+        text = str(exc)
+        what = "truncated" if "truncated" in text else "not HDF5" if "signature" in text else _first_line(exc)
+        return None, f"it does not open as HDF5: {what}"
+    if not isinstance(key, str) or not isinstance(fmt, int) or version is None:
+        return None, "an HDF5 file without featx's attributes"
+    return key, ""
+
+
+def cache_file_problem(path: str | os.PathLike[str]) -> str | None:
+    """None when ``path`` is provably the featx cache its name says: a regular file (not a symbolic link) named
+    ``<...>-<key>.h5`` whose HDF5 attributes carry featx's markers (``key``, ``format_version``, ``featx_version``)
+    and that same key. Otherwise why not. Damaged data does not matter here (see :func:`verify_caches`)."""
+    p = Path(path)
+    m = _NAME_RE.match(p.name)
+    if not m or m["ext"] != ".h5":
+        return "not a featx cache name (<dataset>-<split>-<backbone>-<layer>-<20-hex key>.h5)"
+    why = _plain_file_problem(p)
+    if why:
+        return why
+    stored, why = _stored_key(p)
+    if stored is None:
+        return why
+    if stored != m["key"]:
+        return f"it holds the cache of key {stored}, not the {m['key']} of its name: copied or renamed"
+    return None
+
+
+def prove_cache_file(path: str | os.PathLike[str]) -> str:
+    """The key of ``path`` when it is provably the featx cache its name says; :class:`NotFeatxError` otherwise."""
+    why = cache_file_problem(path)
+    if why:
+        raise NotFeatxError(Path(path), why)
+    return _NAME_RE.match(Path(path).name)["key"]  # type: ignore[index]
+
+
+def _journal_header_problem(p: Path, key: str) -> str | None:
+    why = _plain_file_problem(p)
+    if why:
+        return f"journal.json: {why}"
+    try:
+        with p.open("rb") as fh:
+            data = fh.read(1 << 20)
+        header = json.loads(data.decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return f"journal.json is unreadable: {_first_line(exc)}"
+    if not isinstance(header, dict) or header.get("format") != JOURNAL_FORMAT:
+        return "journal.json is not a featx journal"
+    if header.get("key") != key:
+        return f"journal.json is the journal of key {header.get('key')}, not the {key} of its name"
+    return None
+
+
+def journal_problem(path: str | os.PathLike[str]) -> str | None:
+    """None when ``path`` is provably a featx journal (``<...>-<key>.partial``, see :class:`CacheJournal`): a real
+    folder (not a symbolic link) whose ``journal.json`` featx wrote (its format, the key of the name) and that holds
+    only featx's files (journal.json, chunk files, featx's temporary files; a journal whose creation was killed
+    holds no journal.json and no chunk). Also an old featx's ``.partial`` HDF5 file with featx's attributes."""
+    p = Path(path)
+    m = _NAME_RE.match(p.name)
+    if not m or m["ext"] != ".partial":
+        return "not a featx journal name (<dataset>-<split>-<backbone>-<layer>-<20-hex key>.partial)"
+    try:
+        st = os.lstat(p)
+    except FileNotFoundError:
+        return "it does not exist"
+    if stat.S_ISREG(st.st_mode):  # an old featx wrote the cache itself as <name>.partial
+        stored, why = _stored_key(p)
+        if stored is None:
+            return f"a file, not a journal folder ({why})"
+        return None if stored == m["key"] else f"a file holding the cache of key {stored}, not {m['key']}"
+    if not stat.S_ISDIR(st.st_mode):
+        return _plain_file_problem(p) or "not a folder"
+    names = []
+    try:
+        entries = list(os.scandir(p))
+    except OSError as exc:
+        return f"it cannot be listed: {exc.strerror or exc}"
+    for e in entries:
+        if not (e.name == "journal.json" or _CHUNK_RE.match(e.name) or _JOURNAL_TMP_RE.match(e.name)):
+            return f"it holds {e.name}, which featx did not write"
+        if not e.is_file(follow_symlinks=False):
+            return f"its {e.name} is not a regular file"
+        names.append(e.name)
+    if "journal.json" in names:
+        return _journal_header_problem(p / "journal.json", m["key"])
+    if any(_CHUNK_RE.match(n) for n in names):
+        return "it holds chunks but no journal.json"
+    return None
+
+
+def _assembly_problem(p: Path, companion_ours: bool) -> str | None:
+    """None when ``<name>.h5.tmp`` is provably featx's: a regular file beside a cache or journal of the same name that
+    featx wrote (an assembly killed before its rename; HDF5 writes its signature only at the end), or alone but
+    holding featx's attributes and that key."""
+    m = _NAME_RE.match(p.name)
+    if not m or m["ext"] != ".h5.tmp":
+        return "not a featx assembly file name (<...>-<key>.h5.tmp)"
+    why = _plain_file_problem(p)
+    if why or companion_ours:
+        return why
+    stored, why = _stored_key(p)
+    if stored is None:
+        return f"{why}, and no cache or journal of featx's beside it"
+    return None if stored == m["key"] else f"it holds the cache of key {stored}, not {m['key']}"
+
+
+def assembly_problem(final: Path) -> str | None:
+    """:func:`_assembly_problem` for the assembly file of ``final``, its companions looked up."""
+    ours = (final.exists() and cache_file_problem(final) is None) or (
+        journal_dir(final).exists() and journal_problem(journal_dir(final)) is None
+    )
+    return _assembly_problem(tmp_path(final), ours)
+
+
+def remove_assembly_file(final: Path, *, strict: bool = True) -> None:
+    """Delete ``<name>.h5.tmp`` (an assembly killed before its rename) when featx can prove it is its own; a foreign
+    thing there raises :class:`NotFeatxError` (``strict``) or is left alone with a warning."""
+    tmp = tmp_path(final)
+    if not (tmp.exists() or tmp.is_symlink()):
+        return
+    why = assembly_problem(final)
+    if why:
+        if strict:
+            raise NotFeatxError(tmp, why)
+        log.warning("%s", NotFeatxError(tmp, why))
+        return
+    tmp.unlink(missing_ok=True)
+
+
+def _lock_file_problem(p: Path) -> str | None:
+    """None for featx's lock file: a regular file in a real ``.locks`` folder holding nothing or a pid."""
+    if not _LOCK_RE.match(p.name) or p.parent.name != LOCK_DIR or p.parent.is_symlink():
+        return "not a featx lock file"
+    why = _plain_file_problem(p)
+    if why:
+        return why
+    try:
+        data = p.read_bytes()[:64]
+    except OSError as exc:
+        return f"it cannot be read: {exc.strerror or exc}"
+    return None if re.fullmatch(rb"(\d+\n)?", data) else "it holds something other than a pid"
+
+
 def fix_hint(path: Path) -> str:
-    return f"delete it with `featx cache rm {_key_of(path)}` and extract again"
+    """How to get rid of a broken cache: ``featx cache rm`` when featx can prove the file is its own, else by hand."""
+    why = cache_file_problem(path)
+    if why:
+        return (
+            f"featx cannot prove it wrote this file ({why}), so `featx cache rm` leaves it: "
+            f"delete it by hand ({_rm_command(path)}) and extract again"
+        )
+    opt = ""
+    with contextlib.suppress(OSError):
+        if path.parent.resolve() != resolve_cache_dir().resolve():
+            opt = f" --cache-dir {shlex.quote(str(path.parent))}"
+    return f"delete it with `featx cache rm {_key_of(path)}{opt}` and extract again"
 
 
 def _damaged(path: Path, what: str) -> CacheError:
@@ -139,8 +357,12 @@ def is_no_space(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and (exc.errno in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(exc))
 
 
-def write_error(exc: BaseException, target: Path, resume_hint: str = "") -> CacheError:
-    """A one-line CacheError for a failed write (no space, permissions, ...)."""
+def write_error(exc: BaseException, target: Path, resume_hint: str = "", *, journal: Path | None = None) -> CacheError:
+    """A one-line CacheError for a failed write (no space, permissions, ...). With ``journal``: where the finished
+    chunks are kept and what to fix before the same command resumes them."""
+    if journal is not None:
+        fix = "free space" if is_no_space(exc) else "fix that"
+        resume_hint = f" (the finished chunks are kept in {journal}: {fix} and run the same command again to resume)"
     if is_no_space(exc):
         return CacheError(f"no space left on device writing {target}{resume_hint}")
     reason = getattr(exc, "strerror", None) or _first_line(exc)
@@ -227,6 +449,127 @@ def write_file_atomic(path: Path, data: bytes) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# Key locks
+
+
+_HELD_LOCK_FDS: set[int] = set()
+
+
+def _close_held_locks_in_child() -> None:
+    """A forked DataLoader worker must not keep the parent's key lock (a worker orphaned by a kill would hold it
+    for seconds)."""
+    for fd in list(_HELD_LOCK_FDS):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_LOCK_FDS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_locks_in_child)
+
+
+class CacheBusyError(CacheError):
+    """Another process holds the key lock: an extraction of that key is running."""
+
+
+class KeyLock:
+    """An exclusive lock per cache key in ``<cache_dir>/.locks/`` (flock; released by the kernel when the process
+    dies, never inherited by forked workers). The holder writes its pid into the file. ``blocking=False`` raises
+    :class:`CacheBusyError` instead of waiting. Falls back to filelock where flock is missing.
+
+    The lock file may be deleted while nobody holds it (``featx cache rm``): a process that locked a file that is
+    no longer at its path locks the new one instead."""
+
+    def __init__(self, path: Path, *, blocking: bool = True) -> None:
+        self.path = Path(path)
+        self.blocking = blocking
+        self._fd: int | None = None
+        self._fallback: Any = None
+
+    def _open(self) -> int:
+        try:
+            if self.path.parent.is_symlink():
+                raise OSError(errno.ELOOP, f"{self.path.parent} is a symbolic link")
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as exc:
+            raise CacheError(f"cannot use cache folder {self.path.parent.parent}: {exc.strerror or exc} ({self.path})") from None
+
+    def holder(self) -> str:
+        """The pid written by the process holding the lock, or "?"."""
+        try:
+            text = self.path.read_text(encoding="ascii", errors="replace").strip()
+        except OSError:
+            return "?"
+        return text if text.isdigit() else "?"
+
+    def busy_error(self) -> CacheBusyError:
+        return CacheBusyError(
+            f"an extraction of {_key_of(self.path)} is running (pid {self.holder()}) in {self.path.parent.parent}: "
+            "wait for it to finish or stop it first"
+        )
+
+    def __enter__(self) -> KeyLock:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover  (Windows)
+            os.close(self._open())
+            from filelock import FileLock, Timeout
+
+            self._fallback = FileLock(str(self.path))
+            try:
+                self._fallback.acquire(timeout=-1 if self.blocking else 0)
+            except Timeout:
+                self._fallback = None
+                raise self.busy_error() from None
+            return self
+        while True:
+            fd = self._open()
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    if not self.blocking:
+                        raise self.busy_error() from None
+                    log.info("waiting for another featx run on the same cache (%s)", self.path.name)
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                st = os.fstat(fd)
+                try:
+                    now = os.stat(self.path, follow_symlinks=False)
+                    same = (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev)
+                except FileNotFoundError:
+                    same = False
+            except BaseException:
+                os.close(fd)
+                raise
+            if same:
+                break
+            os.close(fd)  # removed (featx cache rm) while we waited: lock the file that is there now
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        _HELD_LOCK_FDS.add(fd)
+        return self
+
+    def release(self, *, remove: bool = False) -> None:
+        """Release the lock; ``remove`` first deletes the lock file (it is held, so nobody else uses it now)."""
+        if remove and self._fd is not None and _lock_file_problem(self.path) is None:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+        if self._fallback is not None:  # pragma: no cover
+            self._fallback.release()
+            self._fallback = None
+        if self._fd is not None:
+            _HELD_LOCK_FDS.discard(self._fd)
+            os.close(self._fd)
+            self._fd = None
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+# --------------------------------------------------------------------------------------------------
 # The journal
 
 
@@ -284,13 +627,39 @@ class CacheJournal:
         return start, min(start + self.chunk_rows, self.n_rows)
 
     def exists(self) -> bool:
-        return self.dir.exists()
+        return self.dir.exists() or self.dir.is_symlink()
+
+    def problem(self) -> str | None:
+        """None when the journal folder is provably featx's (see :func:`journal_problem`); else why not."""
+        return journal_problem(self.dir)
+
+    def check_ours(self) -> None:
+        """Raise :class:`NotFeatxError` when something is at the journal's place that featx cannot prove it wrote."""
+        if self.exists():
+            why = self.problem()
+            if why:
+                raise NotFeatxError(self.dir, why)
 
     def discard(self) -> None:
-        if self.dir.is_dir() and not self.dir.is_symlink():
-            shutil.rmtree(self.dir, ignore_errors=True)
-        elif self.dir.exists() or self.dir.is_symlink():
-            self.dir.unlink(missing_ok=True)  # an old featx's .partial file
+        """Delete the journal: only when it is provably featx's (:class:`NotFeatxError` otherwise, nothing deleted),
+        and only the files that were checked; ``journal.json`` last, so that a kill part-way leaves a journal
+        that is still provably featx's."""
+        if not self.exists():
+            return
+        self.check_ours()
+        try:
+            if not self.dir.is_dir():  # an old featx's .partial file (checked above)
+                self.dir.unlink(missing_ok=True)
+            else:
+                names = sorted(os.listdir(self.dir), key=lambda n: n == "journal.json")
+                for name in names:  # what appeared since the check is not featx's: never deleted
+                    if not (name == "journal.json" or _CHUNK_RE.match(name) or _JOURNAL_TMP_RE.match(name)):
+                        raise NotFeatxError(self.dir, f"it holds {name}, which featx did not write")
+                for name in names:
+                    (self.dir / name).unlink(missing_ok=True)
+                self.dir.rmdir()
+        except OSError as exc:
+            raise CacheError(f"cannot remove the journal {self.dir}: {exc.strerror or exc}") from None
         fsync_dir(self.final.parent)
 
     def create(self, header: dict[str, Any]) -> None:
@@ -343,13 +712,18 @@ class CacheJournal:
 
     def verify(self) -> JournalState:
         """Check every chunk (name, checksum, shapes); delete what is not whole. Leftover temporary files
-        (a kill mid-write) are removed silently; every discarded chunk gets one line in ``problems``."""
+        (a kill mid-write) are removed silently; every discarded chunk gets one line in ``problems``. Anything
+        else in the folder raises :class:`NotFeatxError` (featx deletes only its own files)."""
+        self.check_ours()  # before deleting anything
         state = JournalState()
         for p in sorted(self.dir.iterdir()):
             if p.name == "journal.json":
                 continue
-            if not _CHUNK_RE.match(p.name):
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            own = bool(_CHUNK_RE.match(p.name) or _JOURNAL_TMP_RE.match(p.name)) and _plain_file_problem(p) is None
+            if not own:  # never deleted: the folder is not provably featx's any more
+                raise NotFeatxError(self.dir, f"it holds {p.name}, which featx did not write")
+            if not _CHUNK_RE.match(p.name):  # a temporary file left by a kill mid-write
+                p.unlink(missing_ok=True)
                 continue
             try:
                 chunk = self.read_chunk(p)
@@ -435,7 +809,8 @@ class _GuardedFile(io.RawIOBase):
     def __init__(self, path: Path) -> None:
         super().__init__()
         self.path = path
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        # O_EXCL: never write through a symbolic link or into a file someone else made
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         self.error: OSError | None = None
 
     def readable(self) -> bool:
@@ -545,18 +920,21 @@ def write_cache_file(
     classes: list[str],
     attrs: dict[str, Any],
     dtype: Any = np.float32,
-    resume_hint: str = "",
+    journal: Path | None = None,
 ) -> Path:
     """Write a complete cache from row blocks (in order) to ``<name>.h5.tmp``, fsync it and rename it to
     ``final`` (replacing an older cache only now). Returns ``final``; on any failure nothing changes at
-    ``final`` and the temporary file is removed. A full disk is a one-line CacheError, never a crash."""
+    ``final`` and the temporary file is removed. A full disk is a one-line CacheError, never a crash.
+    ``journal``: the journal the blocks come from (named in the error). A leftover ``.h5.tmp`` is deleted
+    only when featx can prove it is its own (:func:`remove_assembly_file`)."""
     import h5py
 
     tmp = tmp_path(final)
+    remove_assembly_file(final)
     try:
         guard = _GuardedFile(tmp)
     except OSError as exc:
-        raise write_error(exc, tmp, resume_hint) from None
+        raise write_error(exc, tmp, journal=journal) from None
     failures: list[tuple[int, str]] = []
     ok = False
     try:
@@ -614,7 +992,7 @@ def write_cache_file(
             raise guard.error
         ok = True
     except OSError as exc:
-        raise write_error(exc, tmp, resume_hint) from None
+        raise write_error(exc, tmp, journal=journal) from None
     finally:
         guard.close()
         if not ok:
@@ -856,22 +1234,63 @@ def load_cache(path: str | os.PathLike[str]) -> FeatureSet:
 
 
 def verify_caches(refs: list[str] | None = None, cache_dir: str | os.PathLike[str] | None = None) -> list[tuple[Path, bool, str]]:
-    """Read every dataset of the given caches (default: all in the folder) in full, checking every checksum
-    and digest. One ``(path, ok, message)`` per cache; never raises for a damaged file."""
+    """Read every dataset of the given caches (default: every file in the folder named like a featx cache) in
+    full, checking every checksum and digest, and that the file holds the key its name says. One
+    ``(path, ok, message)`` per cache; never raises for a damaged file."""
     d = resolve_cache_dir(cache_dir)
-    targets = [resolve_cache_path(r, d) for r in refs] if refs else (sorted(d.glob("*.h5")) if d.is_dir() else [])
+    if refs:
+        targets = [resolve_cache_path(r, d) for r in refs]
+    else:
+        targets = [p for p in _cache_entries(d) if (m := _NAME_RE.match(p.name)) and m["ext"] == ".h5"]
     out = []
     for p in targets:
         try:
             with CacheReader(p) as reader:
-                out.append((p, True, reader.verify()))
+                message, stored = reader.verify(), reader.attrs.get("key")
         except CacheError as exc:
             out.append((p, False, str(exc)))
+            continue
+        m = _NAME_RE.match(p.name)
+        if m and m["ext"] == ".h5" and stored != m["key"]:
+            out.append((p, False, f"cache {p} does not hold what its name says: {fix_hint(p)}"))
+        else:
+            out.append((p, True, message))
     return out
 
 
+def _cache_entries(d: Path) -> list[Path]:
+    """What ``cache ls`` and ``cache rm --all`` look at: the entries of the cache folder named like featx's files
+    (``*.h5``, ``*.partial``, ``*.h5.tmp``; hidden entries and ``.locks`` aside). Whether featx wrote them is
+    another question (:func:`cache_file_problem`, :func:`journal_problem`)."""
+    try:
+        names = sorted(os.listdir(d))
+    except OSError:
+        return []
+    return [d / n for n in names if not n.startswith(".") and n.endswith((".h5", ".partial", ".h5.tmp"))]
+
+
+def _entry_problem(p: Path) -> str | None:
+    """None when featx can prove it wrote the cache-folder entry ``p``; else why not."""
+    m = _NAME_RE.match(p.name)
+    if m is None:
+        return "not a featx cache name"
+    if m["ext"] == ".h5":
+        return cache_file_problem(p)
+    if m["ext"] == ".partial":
+        return journal_problem(p)
+    return assembly_problem(p.with_name(m["stem"] + ".h5"))
+
+
+def _size_mb(p: Path) -> float | None:
+    try:
+        st = os.lstat(p)
+    except OSError:
+        return None
+    return st.st_size / 2**20 if stat.S_ISREG(st.st_mode) else None
+
+
 def _journal_row(p: Path) -> dict[str, Any]:
-    row: dict[str, Any] = {"path": str(p), "file": p.name, "key": _key_of(p)}
+    row: dict[str, Any] = {"path": str(p), "file": p.name, "key": _key_of(p), "featx": True}
     if not p.is_dir():
         row.update(size_mb=p.stat().st_size / 2**20, status="unusable: a partial file from an older featx")
         return row
@@ -899,14 +1318,30 @@ def _journal_row(p: Path) -> dict[str, Any]:
     return row
 
 
+NOT_FEATX = "not featx's (left alone)"
+
+
 def list_caches(cache_dir: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
-    """One summary per cache file (complete, damaged or still a journal) in the cache folder, newest first."""
+    """One summary per entry of the cache folder named like featx's files (complete, damaged, still a journal, an
+    assembly leftover, or not featx's at all: status ``NOT_FEATX`` with the reason in ``why``), newest first.
+    ``featx`` says whether featx can prove it wrote the entry (and ``featx cache rm`` removes it)."""
     d = resolve_cache_dir(cache_dir)
-    if not d.is_dir():
-        return []
     rows = []
-    for p in sorted(d.glob("*.h5")):
-        row: dict[str, Any] = {"path": str(p), "file": p.name, "size_mb": p.stat().st_size / 2**20}
+    for p in _cache_entries(d):
+        why = _entry_problem(p)
+        if why:
+            foreign = {"path": str(p), "file": p.name, "key": None, "size_mb": _size_mb(p), "status": NOT_FEATX, "why": why}
+            rows.append({**foreign, "featx": False})
+            continue
+        ext = _NAME_RE.match(p.name)["ext"]  # type: ignore[index]
+        if ext == ".partial":
+            rows.append(_journal_row(p))
+            continue
+        row: dict[str, Any] = {"path": str(p), "file": p.name, "size_mb": _size_mb(p), "featx": True}
+        if ext == ".h5.tmp":
+            row.update(key=_key_of(p), status="unusable: an interrupted assembly")
+            rows.append(row)
+            continue
         try:
             a = read_cache_attrs(p)
             row.update(
@@ -922,79 +1357,187 @@ def list_caches(cache_dir: str | os.PathLike[str] | None = None) -> list[dict[st
         except CacheError as exc:
             row.update(key=_key_of(p), status=f"unusable: {exc}")
         rows.append(row)
-    rows += [_journal_row(p) for p in sorted(d.glob("*.partial"))]
     rows.sort(key=lambda r: r.get("created") or "", reverse=True)
     return rows
 
 
+def _is_path_ref(ref: str) -> bool:
+    return Path(ref).suffix in (".h5", ".partial", ".tmp") or os.sep in ref or bool(os.altsep and os.altsep in ref)
+
+
+def _lookup_key(ref: str, d: Path, exts: tuple[str, ...]) -> tuple[str, list[Path]]:
+    """The one key of the cache folder that starts with ``ref`` (a key or key prefix: hex digits, matched against
+    the key part of featx's file names only), and its entries with these extensions."""
+    prefix = ref.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{1,20}", prefix):
+        raise CacheError(f"'{ref}' is not a cache key or key prefix (keys are 20 hex digits: see featx cache ls)")
+    groups: dict[str, list[Path]] = {}
+    for p in _cache_entries(d):
+        m = _NAME_RE.match(p.name)
+        if m and m["ext"] in exts and m["key"].startswith(prefix):
+            groups.setdefault(m["key"], []).append(p)
+    if not groups:
+        raise CacheError(f"no cache with key '{ref}' in {d} (see: featx cache ls)")
+    if len(groups) > 1:
+        keys = ", ".join(sorted(groups))
+        raise CacheError(f"key prefix '{ref}' matches {len(groups)} caches in {d} ({keys}); give more characters")
+    [(key, paths)] = groups.items()
+    return key, paths
+
+
 def resolve_cache_path(ref: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """A cache given as a file path, a key, or a unique key prefix."""
-    p = Path(ref).expanduser()
-    if p.suffix == ".h5" or os.sep in ref:
+    """A cache given as a file path, a key, or a unique key prefix (of the key in featx's file names)."""
+    d = resolve_cache_dir(cache_dir)
+    if _is_path_ref(ref):
+        p = Path(ref).expanduser()
+        if not p.is_file() and os.sep not in ref and (d / ref).is_file():
+            p = d / ref
         if not p.is_file():
             raise CacheError(f"cache not found: {p}")
         return p
-    d = resolve_cache_dir(cache_dir)
-    hits = sorted(d.glob(f"*-{ref}*.h5")) if d.is_dir() else []
-    if not hits:
-        raise CacheError(f"no cache with key '{ref}' in {d} (see: featx cache ls)")
-    if len(hits) > 1:
-        raise CacheError(f"key prefix '{ref}' matches {len(hits)} caches in {d}; give more characters")
-    return hits[0]
+    key, paths = _lookup_key(ref, d, (".h5",))
+    if len(paths) > 1:
+        raise CacheError(f"key {key} names {len(paths)} files in {d} ({', '.join(p.name for p in paths)}); give the file")
+    return paths[0]
 
 
-def _remove_lock(final: Path) -> None:
-    """Delete the key's lock file when nobody holds it (a waiting extraction keeps it)."""
-    lp = lock_path(final)
-    if not lp.exists():
-        return
+@dataclass
+class Removal:
+    """What :func:`clean_caches` did: entries removed, entries left alone because featx cannot prove it wrote
+    them (with why), and featx's entries left because an extraction holds their key's lock."""
+
+    removed: list[Path] = field(default_factory=list)
+    left: list[tuple[Path, str]] = field(default_factory=list)
+    busy: list[tuple[Path, str]] = field(default_factory=list)
+
+
+_EXT_ORDER = (".h5", ".partial", ".h5.tmp")
+
+
+def _stem_entries(d: Path, stem: str, exts: Iterable[str]) -> dict[str, Path]:
+    return {ext: d / (stem + ext) for ext in exts if (d / (stem + ext)).exists() or (d / (stem + ext)).is_symlink()}
+
+
+def _delete_entry(p: Path) -> None:
+    """Delete a cache-folder entry that was just proven featx's (under its key lock)."""
+    m = _NAME_RE.match(p.name)
+    if m and m["ext"] == ".partial":
+        CacheJournal(p.with_suffix(".h5")).discard()  # checks again, deletes only the files it checked
+    else:
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise CacheError(f"cannot remove {p}: {exc.strerror or exc}") from None
+
+
+def _rm_path(ref: str, d: Path) -> Path:
+    """A path given to ``cache rm``: it must be in the cache folder and carry one of featx's names."""
+    p = Path(ref).expanduser()
+    if os.sep not in ref and not (p.exists() or p.is_symlink()):
+        p = d / ref
+    if not (p.exists() or p.is_symlink()):
+        raise CacheError(f"no such cache: {p} (see: featx cache ls)")
     try:
-        import fcntl
-
-        fd = os.open(lp, os.O_RDWR)
-    except (ImportError, OSError):
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        lp.unlink(missing_ok=True)
+        inside = p.parent.resolve() == d.resolve()
     except OSError:
-        pass
+        inside = False
+    if not inside:
+        raise CacheError(
+            f"{p} is not in the cache folder {d}: featx cache rm removes only what featx wrote there, nothing else "
+            f"(give --cache-dir for a cache in another folder)"
+        )
+    if not _NAME_RE.match(p.name):
+        raise NotFeatxError(p, "not a featx cache name")
+    return p
+
+
+def clean_caches(refs: Iterable[str] = (), cache_dir: str | os.PathLike[str] | None = None, *, all_: bool = False) -> Removal:
+    """Remove caches with their journals, assembly files and lock files: by key, unique key prefix or path in the
+    cache folder, or every one (``all_``). Removes only what featx can prove it wrote (:func:`cache_file_problem`,
+    :func:`journal_problem`), never follows a symbolic link, and takes each key's lock without waiting.
+
+    Named refs are all or nothing: a ref outside the cache folder, not featx's, or whose key an extraction holds
+    raises :class:`CacheError` before anything is deleted. ``all_`` removes what is featx's and reports the rest
+    in :attr:`Removal.left` (not featx's) and :attr:`Removal.busy` (an extraction is running)."""
+    d = resolve_cache_dir(cache_dir)
+    out = Removal()
+    plans: dict[str, set[str]] = {}  # stem -> extensions to remove
+    if all_:
+        for p in _cache_entries(d):
+            m = _NAME_RE.match(p.name)
+            if m is None:
+                out.left.append((p, "not a featx cache name"))
+            else:
+                plans.setdefault(m["stem"], set()).add(m["ext"])
+    else:
+        for r in refs:
+            if _is_path_ref(r):
+                m = _NAME_RE.match(_rm_path(r, d).name)
+                exts = {".h5": set(_EXT_ORDER), ".partial": {".partial", ".h5.tmp"}, ".h5.tmp": {".h5.tmp"}}[m["ext"]]  # type: ignore[index]
+                plans.setdefault(m["stem"], set()).update(exts)  # type: ignore[index]
+            else:
+                _key, paths = _lookup_key(r, d, _EXT_ORDER)
+                for p in paths:
+                    plans.setdefault(_NAME_RE.match(p.name)["stem"], set()).update(_EXT_ORDER)  # type: ignore[index]
+    locks: dict[str, KeyLock] = {}
+    try:
+        for stem in sorted(plans):
+            lock = KeyLock(lock_path(d / (stem + ".h5")), blocking=False)
+            try:
+                lock.__enter__()
+            except CacheBusyError as exc:
+                if not all_:
+                    raise
+                out.busy += [(p, str(exc)) for p in _stem_entries(d, stem, _EXT_ORDER).values()]
+                continue
+            locks[stem] = lock
+        doomed: list[Path] = []
+        for stem in sorted(locks):
+            for ext, p in _stem_entries(d, stem, _EXT_ORDER).items():
+                if ext not in plans[stem]:
+                    continue
+                why = _entry_problem(p)
+                if why and not all_:
+                    raise NotFeatxError(p, why)
+                if why:
+                    out.left.append((p, why))
+                else:
+                    doomed.append(p)
+        for p in sorted(doomed, key=lambda q: _EXT_ORDER.index(_NAME_RE.match(q.name)["ext"])):  # type: ignore[index]
+            _delete_entry(p)
+            out.removed.append(p)
+        if doomed:
+            fsync_dir(d)
     finally:
-        os.close(fd)
+        for lock in locks.values():
+            lock.release(remove=True)  # safe: a waiting extraction locks the file that is there after this
+    if all_:
+        _remove_stale_locks(d)
+    out.left.sort()
+    return out
+
+
+def _remove_stale_locks(d: Path) -> None:
+    """Lock files of keys with nothing left in the folder (nobody holds them; featx's own files only)."""
+    locks = d / LOCK_DIR
+    if locks.is_symlink() or not locks.is_dir():
+        return
+    for lp in sorted(locks.iterdir()):
+        if _lock_file_problem(lp) is not None or _stem_entries(d, lp.stem, _EXT_ORDER):
+            continue
+        lock = KeyLock(lp, blocking=False)
+        try:
+            lock.__enter__()
+        except CacheError:
+            continue
+        lock.release(remove=True)
 
 
 def remove_caches(refs: list[str], cache_dir: str | os.PathLike[str] | None = None, *, all_: bool = False) -> list[Path]:
-    """Remove caches (and their journals, temporary files and lock files) by file, key or key prefix."""
-    d = resolve_cache_dir(cache_dir)
-    targets: list[Path] = []
-    if all_:
-        if d.is_dir():
-            targets = sorted(d.glob("*.h5")) + sorted(d.glob("*.partial")) + sorted(d.glob("*.h5.tmp"))
-    else:
-        for r in refs:
-            p = Path(r).expanduser()
-            if p.suffix in (".h5", ".partial") or os.sep in r:
-                found = [p] if p.exists() else []
-            else:
-                found = sorted(d.glob(f"*-{r}*.h5")) + sorted(d.glob(f"*-{r}*.partial")) if d.is_dir() else []
-            keys = {_key_of(f) for f in found}
-            if not found:
-                raise CacheError(f"no cache with key '{r}' in {d} (see: featx cache ls)")
-            if len(keys) > 1:
-                raise CacheError(f"key prefix '{r}' matches {len(keys)} caches in {d}; give more characters")
-            targets += [f for f in found if f not in targets]
-    for p in targets:
-        final = p.with_suffix(".h5") if p.suffix == ".partial" else Path(str(p).removesuffix(".tmp"))
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-        if p.suffix == ".h5":
-            tmp_path(p).unlink(missing_ok=True)
-            if journal_dir(p).is_dir():
-                shutil.rmtree(journal_dir(p), ignore_errors=True)
-        _remove_lock(final)
-    return targets
+    """:func:`clean_caches`, returning the removed entries."""
+    return clean_caches(refs, cache_dir, all_=all_).removed
 
 
 def now_iso() -> str:

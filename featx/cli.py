@@ -231,9 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("refs", nargs="*", help="cache files, keys or key prefixes (default: every cache in the folder)")
     _add_cache_dir(q)
     q.set_defaults(func=cmd_cache_verify)
-    q = csub.add_parser("rm", help="remove caches (and interrupted extractions' journals)")
-    q.add_argument("refs", nargs="*", help="cache files, keys or key prefixes")
-    q.add_argument("--all", action="store_true", help="remove every cache in the folder")
+    q = csub.add_parser(
+        "rm",
+        help="remove caches and interrupted extractions' journals (only what featx can prove it wrote; not while extracting)",
+    )
+    q.add_argument("refs", nargs="*", help="cache keys, key prefixes or files in the cache folder")
+    q.add_argument("--all", action="store_true", help="remove every cache featx wrote in the folder (the rest is left alone)")
     _add_cache_dir(q)
     q.set_defaults(func=cmd_cache_rm)
 
@@ -308,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--augment",
         default="random_resized_crop,hflip,affine",
-        help="comma-separated augmentations, or none (default: %(default)s)",
+        help="training augmentations, comma-separated: random_resized_crop (scale 0.35-1), hflip, affine (shear 10 deg, "
+        "zoom 0.9-1.1); none = off (default: %(default)s)",
     )
     p.add_argument("--patience", type=nonneg_int, default=3, help="early-stopping patience in epochs, 0 = off (default: 3)")
     p.add_argument("--out-dir", default=None, help="checkpoint and result folder (default: runs/finetune/<dataset>-<strategy>)")
@@ -358,6 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         choices=["train+val", "train"],
         help="what both families train their final model on after choosing on val (default: from the config, else train+val)",
+    )
+    p.add_argument(
+        "--reuse-stale",
+        action="store_true",
+        help="keep finished cells whose settings, data, code or libraries changed since they ran (and cells from before "
+        "fingerprints) instead of running them again; the report lists them as stale",
     )
     p.set_defaults(func=cmd_bench)
     return parser
@@ -431,7 +441,8 @@ def cmd_cache_ls(args: argparse.Namespace) -> int:
             table.append([str(c) for c in row] + [r["created"] or "-"])
             continue
         if r["status"] != "complete":
-            table.append([r["key"], r["file"], "-", "-", "-", "-", f"{r['size_mb']:.1f} MB", r["status"][:40]])
+            size = "-" if r["size_mb"] is None else f"{r['size_mb']:.1f} MB"
+            table.append([r["key"] or "-", r["file"], "-", "-", "-", "-", size, r["status"][:40]])
             continue
         table.append(
             [
@@ -446,6 +457,10 @@ def cmd_cache_ls(args: argparse.Namespace) -> int:
             ]
         )
     print(format_table(table))
+    foreign = sum(not r["featx"] for r in rows)
+    if foreign:
+        what = "entry is" if foreign == 1 else "entries are"
+        print(f"{foreign} {what} not featx's: `featx cache rm` leaves them alone (--json says why)")
     return 0
 
 
@@ -470,26 +485,35 @@ def cmd_cache_verify(args: argparse.Namespace) -> int:
         print(f"ok       {path.name}: {message}" if ok else f"DAMAGED  {path.name}: {message}")
     bad = sum(not ok for _, ok, _ in results)
     if bad:
-        raise CacheError(f"{bad} of {len(results)} cache(s) damaged: delete them with `featx cache rm KEY` and extract again")
+        raise CacheError(f"{bad} of {len(results)} cache(s) damaged or not what their name says: remove each as its line says")
     return 0
 
 
 def cmd_cache_rm(args: argparse.Namespace) -> int:
-    from featx.cache import remove_caches
-    from featx.errors import UsageError
+    import shlex
+
+    from featx.cache import clean_caches
+    from featx.errors import CacheError, UsageError
 
     if not args.refs and not args.all:
         raise UsageError("give cache keys/files to remove, or --all")
-    removed = remove_caches(args.refs, args.cache_dir, all_=args.all)
-    for p in removed:
+    if args.refs and args.all:
+        raise UsageError("give cache keys/files to remove or --all, not both")
+    done = clean_caches(args.refs, args.cache_dir, all_=args.all)
+    for p in done.removed:
         print(f"removed {p}")
+    for p, why in done.left:
+        how = f"rm {'-r ' if p.is_dir() and not p.is_symlink() else ''}-- {shlex.quote(str(p))}"
+        print(f"left alone {p}: featx cannot prove it wrote it ({why}); delete it by hand if you do not need it: {how}")
+    if done.busy:
+        raise CacheError(f"{len(done.busy)} of featx's entries kept: {done.busy[0][1]}, then run featx cache rm again")
     return 0
 
 
 def _resolve_head_caches(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     """Caches for fit-head: explicit --train/--val/--test, or looked up by key for a dataset."""
     from featx.cache import load_cache, resolve_cache_path
-    from featx.data import load_dataset
+    from featx.data import load_dataset, refuse_inside_dataset
     from featx.errors import UsageError
     from featx.extraction import extract, find_caches
 
@@ -503,6 +527,7 @@ def _resolve_head_caches(args: argparse.Namespace) -> tuple[dict[str, Any], str]
     if not args.dataset:
         raise UsageError("give a dataset, or --train CACHE [--val CACHE] [--test CACHE]")
     ds = load_dataset(args.dataset, allow_outside_root=args.allow_outside_root)
+    refuse_inside_dataset(args.out_dir, ds, "--out-dir")
     options = {
         "backbone": args.backbone,
         "weights": args.weights,
@@ -640,7 +665,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from featx.finetuning import FinetuneConfig, finetune, finetune_search
 
     ds = load_dataset(args.dataset, allow_outside_root=args.allow_outside_root)
-    augment = () if args.augment.strip().lower() == "none" else tuple(a.strip() for a in args.augment.split(",") if a.strip())
     config = FinetuneConfig(
         strategy=args.strategy,
         trainable_blocks=args.trainable_blocks,
@@ -654,7 +678,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         dropout=args.dropout,
         label_smoothing=args.label_smoothing,
         warmup_epochs=args.warmup_epochs,
-        augment=augment,
+        augment=args.augment,
         early_stopping_patience=args.patience,
         precision=args.precision,
         device=args.device,
@@ -762,6 +786,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         progress=_progress(args),
         command="featx " + " ".join(sys.argv[1:]),
         log_level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,  # cells' processes too
+        reuse_stale=args.reuse_stale,
     )
     print(f"report: {outcome['report']}")
     if outcome["failed"]:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from featx.errors import DataError
+from featx.errors import DataError, UsageError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 SPLIT_NAMES = ("train", "val", "test")
@@ -369,6 +369,53 @@ def _load_csv(csv_path: Path, *, allow_outside_root: bool = False) -> ImageDatas
         splits[name] = Split(name, root, tuple(p for p, _ in items), np.asarray([index[lab] for _, lab in items]), classes)
     notes = [f"{absent} listed file(s) not found; they are recorded as failures"] if absent else []
     return ImageDataset(root, csv_path.stem, classes, splits, "csv", ignored, notes)
+
+
+def is_within(path: str | os.PathLike[str], folder: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is ``folder`` or lies inside it, symlinks resolved on both sides (the part of ``path`` that
+    does not exist yet is taken as written). Also true when an existing ancestor of ``path`` *is* ``folder``
+    under another name (a bind mount, a case-insensitive file system)."""
+    target = os.path.realpath(os.path.expanduser(os.fspath(path)))
+    top = os.path.realpath(os.path.expanduser(os.fspath(folder)))
+    if os.path.commonpath([target, top]) == top:
+        return True
+    try:
+        top_stat = os.stat(top)
+    except (OSError, ValueError):
+        return False
+    probe = target
+    while True:
+        try:
+            if os.path.samestat(os.stat(probe), top_stat):
+                return True
+        except (OSError, ValueError):
+            pass
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            return False
+        probe = parent
+
+
+def refuse_inside_dataset(path: str | os.PathLike[str], dataset: str | os.PathLike[str] | ImageDataset, what: str) -> None:
+    """Raise :class:`UsageError` when ``path``, a folder featx is about to write into (``what``: the option that
+    named it, e.g. ``"--cache-dir"``), is an ImageFolder dataset's folder or lies inside it: a scan counts every
+    new image file there as a training image, and a new sub-folder of a split becomes a class (an empty one
+    breaks every later run). ``dataset`` is an :class:`ImageDataset` or a path as given to :func:`load_dataset`.
+    A CSV manifest names its files, so writing beside them changes nothing: never refused. Call it before
+    anything is created."""
+    if isinstance(dataset, ImageDataset):
+        if dataset.source != "imagefolder":
+            return
+        root: str | os.PathLike[str] = dataset.root
+    else:
+        root = Path(dataset).expanduser()
+        if not root.is_dir():  # a CSV manifest (or nothing: load_dataset says so)
+            return
+    if is_within(path, root):
+        raise UsageError(
+            f"{what} {printable_path(path)} is inside the dataset {printable_path(root)}: featx would write into the "
+            "folder it reads images and classes from; choose a folder outside the dataset"
+        )
 
 
 def list_images(inputs: Sequence[str | os.PathLike[str]], *, allow_outside_root: bool = False) -> tuple[Path, list[str], int]:

@@ -41,20 +41,29 @@ from featx.cache import (
     CacheReader,
     CacheSpec,
     Chunk,
+    KeyLock,
+    NotFeatxError,
     base_attrs,
+    cache_file_problem,
     cache_filename,
     find_cache,
     lock_path,
     read_cache_attrs,
     read_failures,
+    remove_assembly_file,
     resolve_cache_dir,
-    tmp_path,
     write_cache_file,
     write_error,
 )
-from featx.data import ImageDataset, Split, is_transient_failure, load_dataset, printable_path
+from featx.data import ImageDataset, Split, is_transient_failure, load_dataset, printable_path, refuse_inside_dataset
 from featx.errors import CacheError, DataError, FeatxError, UsageError
-from featx.inference import compute_features, default_batch_size, iter_features  # noqa: F401  (re-exported)
+from featx.inference import (  # noqa: F401  (compute_features is re-exported)
+    check_forward_memory,
+    compute_features,
+    default_batch_size,
+    images_in_flight,
+    iter_features,
+)
 
 log = logging.getLogger(__name__)
 
@@ -146,17 +155,12 @@ def find_caches(
 # Locks and signals
 
 
-_HELD_LOCK_FDS: set[int] = set()
 _SIGTERM_HANDLER: list[Any] = []  # our handler while one is installed
 
 
 def _after_fork_in_child() -> None:
-    """A forked DataLoader worker must not keep the parent's key lock (a worker orphaned by a kill would
-    hold it for seconds) nor its SIGTERM handler (workers are stopped with SIGTERM)."""
-    for fd in list(_HELD_LOCK_FDS):
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    _HELD_LOCK_FDS.clear()
+    """A forked DataLoader worker must not keep our SIGTERM handler (workers are stopped with SIGTERM); the key
+    lock's descriptors are closed by featx.cache's own fork handler."""
     if _SIGTERM_HANDLER:
         with contextlib.suppress(Exception):
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -164,52 +168,6 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-class _KeyLock:
-    """An exclusive lock per cache key in ``<cache_dir>/.locks/`` (flock; released by the kernel when the
-    process dies, never inherited by forked workers). Falls back to filelock where flock is missing."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._fd: int | None = None
-        self._fallback: Any = None
-
-    def __enter__(self) -> _KeyLock:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise CacheError(f"cannot use cache folder {self.path.parent.parent}: {exc.strerror or exc}") from None
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover  (Windows)
-            os.close(fd)
-            from filelock import FileLock
-
-            self._fallback = FileLock(str(self.path))
-            self._fallback.acquire()
-            return self
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("waiting for another featx run on the same cache (%s)", self.path.name)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._fd = fd
-        _HELD_LOCK_FDS.add(fd)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._fallback is not None:  # pragma: no cover
-            self._fallback.release()
-        if self._fd is not None:
-            _HELD_LOCK_FDS.discard(self._fd)
-            os.close(self._fd)
-            self._fd = None
 
 
 class _Terminated(BaseException):
@@ -246,6 +204,16 @@ def _prepare_cache_dir(cdir: Path) -> None:
         raise CacheError(f"cannot use cache folder {cdir}: {exc.strerror or exc}") from None
     if not cdir.is_dir():
         raise CacheError(f"cannot use cache folder {cdir}: not a directory")
+
+
+def _journal_gone(journal: CacheJournal) -> CacheError | None:
+    """The error to report when the journal folder (or its journal.json) was removed under a running extraction."""
+    if (journal.dir / "journal.json").is_file():
+        return None
+    return CacheError(
+        f"the journal {journal.dir} was removed while this extraction ran (by `featx cache rm` from an older featx, "
+        "or another program): the rows computed so far are lost; run the same command again"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -285,9 +253,11 @@ class _ChunkWriter:
             return
         exc = self._error
         target = self.journal.dir / f"chunk-{self._failed_chunk:09d}"
-        hint = f" (finished chunks are kept in {self.journal.dir}: free space and run the same command again to resume)"
         if isinstance(exc, OSError):
-            raise write_error(exc, target, hint) from None
+            gone = _journal_gone(self.journal)
+            if gone is not None:
+                raise gone from None
+            raise write_error(exc, target, journal=self.journal.dir) from None
         raise exc
 
     def put(self, chunk: Chunk) -> None:
@@ -342,6 +312,7 @@ def extract(
         ds.split(n)  # raises a clear error for a split the dataset does not have
     embedder = resolve_embedder(backbone, weights, layer=layer, image_size=image_size, precision=precision)
     cdir = resolve_cache_dir(cache_dir)
+    refuse_inside_dataset(cdir, ds, "--cache-dir")
     _prepare_cache_dir(cdir)
     results: list[ExtractResult] = []
     built: list[Backbone] = []
@@ -367,7 +338,7 @@ def extract(
         split = ds.split(name)
         spec = cache_spec(split, embedder)
         final = cdir / cache_filename(ds.name, spec)
-        with _KeyLock(lock_path(final)):  # a second run for the same key waits, then sees a hit
+        with KeyLock(lock_path(final)):  # a second run for the same key waits, then sees a hit
             result = _extract_or_hit(ds, split, spec, final, get_backbone, force=force, **opts)
         results.append(result)
         if strict and result.n_failed:
@@ -397,20 +368,36 @@ def _extract_or_hit(
     force: bool,
     **opts: Any,
 ) -> ExtractResult:
-    tmp_path(final).unlink(missing_ok=True)  # an assembly killed before its rename
+    remove_assembly_file(final)  # an assembly killed before its rename (something foreign there: a clear error)
     journal = CacheJournal(final)
     hit = None if force else find_cache(final.parent, spec)
     if hit is not None:
         if journal.exists():
-            journal.discard()  # left by a run killed between the rename and the clean-up
+            _discard_quietly(journal)  # left by a run killed between the rename and the clean-up
         a = read_cache_attrs(hit)
         transient = [(i, r) for i, r in read_failures(hit) if is_transient_failure(r)]
-        if transient:
+        if transient and cache_file_problem(hit) is None:
             return _with_interrupts(
                 final, split, lambda: _retry_failures(hit, split, spec, [i for i, _ in transient], get_backbone, **opts)
             )
+        if transient:
+            log.warning("%s: not re-trying %d earlier failure(s): %s", split.name, len(transient), cache_file_problem(hit))
         return ExtractResult(split.name, hit, spec.key(), True, int(a["n_images"]), int(a["n_failed"]), 0.0, 0.0)
+    if final.exists() or final.is_symlink():  # --force: the new cache will replace this file; only if it is featx's
+        why = cache_file_problem(final)
+        if why:
+            raise NotFeatxError(final, why)
+    journal.check_ours()  # never resume over, or discard, a folder featx cannot prove it wrote
     return _with_interrupts(final, split, lambda: _extract_split(ds, split, spec, journal, get_backbone, **opts))
+
+
+def _discard_quietly(journal: CacheJournal) -> None:
+    """Discard a journal that is no longer needed (its cache is complete); one that is not provably featx's is
+    left alone with a warning instead of failing a finished extraction."""
+    try:
+        journal.discard()
+    except CacheError as exc:
+        log.warning("%s", exc)
 
 
 def _with_interrupts(final: Path, split: Split, fn: Callable[[], ExtractResult]) -> ExtractResult:
@@ -419,7 +406,7 @@ def _with_interrupts(final: Path, split: Split, fn: Callable[[], ExtractResult])
         with _sigterm_raises():
             return fn()
     except (KeyboardInterrupt, _Terminated) as exc:
-        tmp_path(final).unlink(missing_ok=True)
+        remove_assembly_file(final, strict=False)
         sig, code = ("SIGTERM", 143) if isinstance(exc, _Terminated) else ("SIGINT", 130)
         journal = CacheJournal(final)
         kept = f"the finished chunks are kept in {journal.dir.name}" if journal.exists() else "nothing was lost"
@@ -505,6 +492,9 @@ def _extract_split(
             state = None
         if state is None:
             bs = batch_size or default_batch_size(dev)
+            workers = runtime.default_num_workers() if num_workers is None else num_workers
+            n_flight, knob = images_in_flight(dev, bs, workers)
+            check_forward_memory(n_flight, bb.preprocessing.input_size, dev, knob)  # before the journal exists
             cache_attrs = {
                 "key": spec.key(),
                 "embedder": emb,
@@ -558,7 +548,7 @@ def _extract_split(
         log.info("%s: resumed at %d of %d images (journal %s)", split.name, resumed_at, n, journal.dir.name)
     if len(state.failures) == n:
         first = state.failures[0]
-        journal.discard()
+        _discard_quietly(journal)
         raise DataError(f"none of the {n} images in split '{split.name}' could be decoded (first: {first})")
     wall = time.perf_counter() - t0
     attrs = {
@@ -576,6 +566,9 @@ def _extract_split(
             try:
                 c = journal.read_chunk(state.chunks[i], i)
             except ValueError as exc:  # changed on disk since it was checked: the next run recomputes it
+                gone = _journal_gone(journal)
+                if gone is not None:
+                    raise gone from None
                 state.chunks[i].unlink(missing_ok=True)
                 raise CacheError(f"journal chunk {state.chunks[i]} went bad ({exc}); run the same command again") from None
             yield c.start, c.features, c.valid, c.reasons
@@ -589,9 +582,9 @@ def _extract_split(
         classes=list(split.classes),
         attrs=attrs,
         dtype=dtype,
-        resume_hint=f" (the finished chunks are kept in {journal.dir}: free space and run the same command again to resume)",
+        journal=journal.dir,
     )
-    journal.discard()
+    _discard_quietly(journal)
     seconds = time.perf_counter() - t0
     failures = tuple((printable_path(split.paths[i]), r) for i, r in sorted(state.failures.items()))
     for p, r in failures:

@@ -72,7 +72,7 @@ import numpy as np
 
 from featx import __version__, runtime
 from featx.backbones import DEFAULT_BACKBONE, Backbone, EmbedderSpec, build_backbone, check_image_size, load_torch_file
-from featx.data import ImageDataset, ImageFiles, Split, SplitPlan, load_dataset
+from featx.data import ImageDataset, ImageFiles, Split, SplitPlan, load_dataset, refuse_inside_dataset
 from featx.errors import DataError, MismatchError, UsageError
 from featx.inference import FORWARD_MEMORY_FACTOR, TRAINING_MEMORY_FACTOR, check_forward_memory
 from featx.metrics import classification_metrics
@@ -1256,6 +1256,7 @@ def _run(
     if resume and grid is not None and not (out / GRID_DIR).is_dir():
         raise UsageError(f"resume=True but there is no grid search to resume in {out / GRID_DIR}")
     ds = dataset if isinstance(dataset, ImageDataset) else load_dataset(dataset)
+    refuse_inside_dataset(out, ds, "--out-dir")
     splits, positions = _resolve_splits(ds, split_plan, train_rows)
     if selection == "rule":  # no val rows at all: not loaded, not hashed, not scored
         splits.pop("val")

@@ -491,6 +491,30 @@ def default_micro_batch(device: Any) -> int:
     return 1 if device.type == "cpu" else 0
 
 
+def resolve_decode(decode: str, device: Any, num_workers: int) -> str:
+    """``auto`` (or ``FEATX_DECODE``) made concrete: processes with workers, else streams on the CPU, threads on CUDA."""
+    decode = _env_choice("FEATX_DECODE", decode, DECODE_MODES)
+    if decode == "auto":
+        decode = "processes" if num_workers > 0 else ("threads" if device.type == "cuda" else "streams")
+    return decode
+
+
+def images_in_flight(
+    device: Any,
+    batch_size: int,
+    num_workers: int,
+    decode: str = "auto",
+    streams: int | None = None,
+    micro_batch: int | None = None,
+) -> tuple[int, str]:
+    """How many images :func:`iter_features` runs through the model at once, and the setting that changes it."""
+    if resolve_decode(decode, device, num_workers) == "streams":
+        n_streams = _env_int("FEATX_STREAMS", streams) or default_streams()
+        micro = _env_int("FEATX_MICRO_BATCH", micro_batch) or default_micro_batch(device) or batch_size
+        return n_streams * micro, "the streams x micro-batch (FEATX_STREAMS, FEATX_MICRO_BATCH)"
+    return batch_size, "--batch-size"
+
+
 def iter_features(
     model: Any,
     preprocessing: Preprocessing,
@@ -535,10 +559,8 @@ def iter_features(
     import torch
 
     t_start = time.perf_counter()
-    decode = _env_choice("FEATX_DECODE", decode, DECODE_MODES)
+    decode = resolve_decode(decode, device, num_workers)
     cuda = device.type == "cuda"
-    if decode == "auto":
-        decode = "processes" if num_workers > 0 else ("threads" if cuda else "streams")
     if decode == "processes" and num_workers <= 0:
         raise UsageError("decode 'processes' needs --num-workers > 0")
     if decode == "gpu" and not cuda and not os.environ.get("FEATX_GPU_DECODE_ON_CPU"):
@@ -558,10 +580,8 @@ def iter_features(
         failed_shape=(size, size, 3),
     )
     collate = _Collate(size)
-    if decode == "streams":
-        check_forward_memory(n_streams * micro, size, device, "the streams x micro-batch (FEATX_STREAMS, FEATX_MICRO_BATCH)")
-    else:
-        check_forward_memory(batch_size, size, device, "--batch-size")
+    n_flight, knob = images_in_flight(device, batch_size, num_workers, decode, streams, micro_batch)
+    check_forward_memory(n_flight, size, device, knob)
     fn, applied = prepare_model(
         model, device=device, input_size=size, channels_last=channels_last, optimize=optimize, precision=precision
     )

@@ -96,7 +96,8 @@ def test_bench_same_rows_same_draws_and_final_fit(tmp_path: Path) -> None:
     # a second run skips every finished cell; removing one cell re-runs exactly that one
     cells = sorted((tmp_path / "out" / "cells").glob("*.json"))
     mtimes = {c: c.stat().st_mtime_ns for c in cells}
-    (tmp_path / "out" / "cells" / "clothing10-timm_resnet10t-layerwise.json").unlink()
+    (layerwise,) = (tmp_path / "out" / "cells").glob("clothing10-*-timm_resnet10t-layerwise.json")  # name, path hash, backbone
+    layerwise.unlink()
     again = run_bench(config, out_dir=tmp_path / "out", cache_dir=str(tmp_path / "cache"), progress=False)
     assert again["failed"] == 0
     assert {c: c.stat().st_mtime_ns for c in cells if "layerwise" not in c.name} == {

@@ -431,8 +431,6 @@ DAMAGED_PARTIALS = {
         "the model resolves differently now",
         0,
     ),
-    "journal.json garbage": (lambda p: (p / "journal.json").write_bytes(b"\x00{not json"), "journal.json is unreadable", 0),
-    "journal.json missing": (lambda p: (p / "journal.json").unlink(), "journal.json is missing", 0),
     "inconsistent sizes": (lambda p: edit_header(p, chunk_rows=30), "inconsistent sizes", 0),
     "chunk bytes flipped": (lambda p: _flip_middle(_first_chunk(p)), "checksum mismatch", -1),
     "chunk truncated": (lambda p: os.truncate(_first_chunk(p), 100), "checksum mismatch", -1),
@@ -444,7 +442,7 @@ DAMAGED_PARTIALS = {
 }
 
 
-FAST_PARTIAL_CASES = ("device differs", "journal.json garbage", "chunk bytes flipped", "chunk truncated")
+FAST_PARTIAL_CASES = ("device differs", "chunk bytes flipped", "chunk truncated")
 
 
 @pytest.mark.parametrize(
@@ -469,6 +467,33 @@ def test_a_partial_that_does_not_fit_is_discarded_with_a_warning_and_rebuilt(
         assert "resumed" not in out and f"train: {ref.n_rows} images, 2 skipped" in out, out
     assert sorted(os.listdir(cache)) == [".locks", ref.cache_name]
     assert_same_cache(cache / ref.cache_name, ref.arrays)
+
+
+UNPROVABLE_PARTIALS = {
+    # name: (what to do to the partial, why featx cannot prove it wrote it)
+    "journal.json garbage": (lambda p: (p / "journal.json").write_bytes(b"\x00{not json"), "journal.json is unreadable"),
+    "journal.json missing": (lambda p: (p / "journal.json").unlink(), "it holds chunks but no journal.json"),
+    "a foreign file inside": (lambda p: (p / "notes.txt").write_text("mine"), "it holds notes.txt, which featx did not write"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNPROVABLE_PARTIALS))
+def test_a_partial_featx_cannot_prove_it_wrote_is_refused_not_discarded(
+    ref: Reference, interrupted: Interrupted, tmp_path: Path, case: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 20: without featx's journal.json (or with a file featx did not write) the folder is not provably
+    featx's: the rerun neither resumes over it nor deletes it; one line says why and how to delete it by hand."""
+    damage, why = UNPROVABLE_PARTIALS[case]
+    cache = tmp_path / "cache"
+    partial = partial_from(interrupted.snapshot, ref, cache)
+    damage(partial)
+    before = {p.name: p.read_bytes() for p in partial.iterdir()}
+    code, out, err = cli(["extract", str(ref.data), *OPTS, "--cache-dir", str(cache)], capsys)
+    assert code == 2 and out == "", out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"featx: error: featx cannot prove it wrote {partial} ({why}"), err
+    assert f"rm -r -- {partial}" in lines[0]
+    assert {p.name: p.read_bytes() for p in partial.iterdir()} == before and not (cache / ref.cache_name).exists()
 
 
 def test_resume_keeps_the_journals_batch_size_and_memory_format(
@@ -665,12 +690,21 @@ def damaged_caches(ref: Reference, tmp_path_factory: pytest.TempPathFactory) -> 
     return out
 
 
-def _one_error_line(err: str, path: Path, what: str) -> None:
+#: Damage after which the file no longer opens as HDF5 with featx's attributes: featx cannot prove it wrote it, so
+#: the fix is to delete it by hand (issue 20: `featx cache rm` removes only what featx can prove it wrote).
+UNPROVABLE_CACHES = ("random bytes", "truncated to half", "truncated by 100 bytes", "empty file")
+
+
+def _fix(case: str, path: Path) -> str:
+    return f"delete it by hand (rm -- {path})" if case in UNPROVABLE_CACHES else "featx cache rm "
+
+
+def _one_error_line(err: str, path: Path, what: str, fix: str) -> None:
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     line = lines[0]
     assert line.startswith("featx: error: ") and str(path) in line, line
-    assert what in line and "featx cache rm " in line and "extract again" in line, line
+    assert what in line and fix in line and "extract again" in line, line
 
 
 def test_verify_and_fit_head_accept_a_good_cache(ref: Reference, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -699,7 +733,7 @@ def test_a_damaged_cache_is_refused_by_verify_and_fit_head(
     res = run_featx(["cache", "verify", "--cache-dir", str(path.parent)])  # a fresh process: no torch, fast
     assert res.returncode == 2, res.stdout + res.stderr
     assert res.stdout.startswith(f"DAMAGED  {ref.cache_name}: cache {path} is damaged"), res.stdout
-    assert what in res.stdout and "featx cache rm" in res.stdout and res.stdout.count("\n") == 1, res.stdout
+    assert what in res.stdout and _fix(case, path) in res.stdout and res.stdout.count("\n") == 1, res.stdout
     assert res.stderr.startswith("featx: error: 1 of 1 cache(s) damaged") and res.stderr.count("\n") == 1, res.stderr
     # fit-head on the file, and on the dataset (found by key): one line, exit 2, no head written
     out = tmp_path / "heads"
@@ -709,7 +743,7 @@ def test_a_damaged_cache_is_refused_by_verify_and_fit_head(
     ):
         code, _, err = cli(["-q", *args, "--head", "knn", "--n-jobs", "1", "--out-dir", str(out)], capsys)
         assert code == 2, (args, err)
-        _one_error_line(err, path, what)
+        _one_error_line(err, path, what, _fix(case, path))
         assert not out.exists() or not list(out.iterdir())
 
 

@@ -1,0 +1,44 @@
+"""featx never writes into the dataset it reads: a cache, head or fine-tuning folder inside it is refused up front."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from featx.cli import main
+
+from .conftest import make_imagefolder
+
+
+def _tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["extract", "{data}", "--cache-dir", "{data}/train/cache", "--image-size", "64"],
+        ["extract", "{data}", "--cache-dir", "{data}", "--image-size", "64"],
+        ["fit-head", "{data}", "--extract", "--out-dir", "{data}/train/heads", "--image-size", "64", "--cache-dir", "{cache}"],
+        ["finetune", "{data}", "--strategy", "head", "--epochs", "1", "--image-size", "64", "--out-dir", "{data}/train/zz"],
+    ],
+    ids=["extract-cache-in-class", "extract-cache-is-root", "fit-head-out", "finetune-out"],
+)
+def test_output_folders_inside_the_dataset_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str]
+) -> None:
+    data = make_imagefolder(tmp_path / "data", {"train": 4, "val": 2, "test": 2}, n_classes=2)
+    before = _tree(data)
+    argv = [a.format(data=data, cache=tmp_path / "c") for a in args]
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "inside the dataset" in err
+    assert _tree(data) == before  # no class folder, no file, nothing created in the dataset
+
+
+def test_a_cache_folder_beside_the_dataset_is_fine(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = make_imagefolder(tmp_path / "data", {"train": 3}, n_classes=2)
+    code = main(["extract", str(data), "--cache-dir", str(tmp_path / "data-cache"), "--image-size", "64"])
+    assert code == 0, capsys.readouterr().err
+    assert len(list((tmp_path / "data-cache").glob("*.h5"))) == 1
