@@ -157,13 +157,29 @@ def spawn(cmd: list[str], log_dir: Path) -> tuple[subprocess.Popen[str], Path, P
     return proc, out, err
 
 
-def kill_at(proc: subprocess.Popen[str], partial: Path, after_chunks: int, delay: float, signum: int) -> int:
+def kill_at(
+    proc: subprocess.Popen[str],
+    partial: Path,
+    after_chunks: int,
+    delay: float,
+    signum: int,
+    *,
+    chunk_unit: float | None = None,
+) -> int:
     """Wait until the journal exists and holds ``after_chunks`` chunk files (or the process ends), wait ``delay``
-    seconds more, send ``signum``. Returns the exit code."""
+    seconds more, send ``signum``. Returns the exit code. With ``chunk_unit``, ``delay`` counts chunks of this run:
+    it is multiplied by the gap between this run's last two chunk files, or by ``chunk_unit`` (seconds) before
+    two exist (a reference run's mean includes its model preparation, so later chunks come faster than it)."""
+    seen: list[float] = []  # when each chunk file was first seen
     while proc.poll() is None:
-        if (partial / "journal.json").exists() and len(chunk_files(partial)) >= after_chunks:
+        n = len(chunk_files(partial)) if (partial / "journal.json").exists() else -1
+        while len(seen) < n:
+            seen.append(time.perf_counter())
+        if n >= after_chunks:
             break
         time.sleep(0.005)
+    if chunk_unit is not None:
+        delay *= seen[-1] - seen[-2] if len(seen) >= 2 else chunk_unit
     if proc.poll() is None:
         time.sleep(delay)
         if proc.poll() is None:
@@ -325,7 +341,7 @@ def sigkill_campaign(ref: Reference, root: Path, points: list[tuple[int, float]]
         logs = root / f"logs-{j}"
         logs.mkdir(parents=True)
         proc, _, _ = spawn(featx_cmd(ref.data, cache), logs)
-        rc = kill_at(proc, cache / ref.partial_name, after, delay * ref.chunk_seconds, signal.SIGKILL)
+        rc = kill_at(proc, cache / ref.partial_name, after, delay, signal.SIGKILL, chunk_unit=ref.chunk_seconds)
         assert rc in (0, -signal.SIGKILL), (j, rc, (logs / "stderr").read_text()[-2000:])
         fresh = bool(fresh_every) and j % fresh_every == 0
         try:
