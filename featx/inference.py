@@ -499,6 +499,14 @@ def resolve_decode(decode: str, device: Any, num_workers: int) -> str:
     return decode
 
 
+def stream_layout(device: Any, batch_size: int, streams: int | None, micro_batch: int | None) -> tuple[int, int]:
+    """(streams, images per forward in a stream) for ``decode="streams"``: the arguments, else ``FEATX_STREAMS`` /
+    ``FEATX_MICRO_BATCH``, else :func:`default_streams` / :func:`default_micro_batch`."""
+    n_streams = _env_int("FEATX_STREAMS", streams) or default_streams()
+    micro = _env_int("FEATX_MICRO_BATCH", micro_batch) or default_micro_batch(device) or batch_size
+    return n_streams, micro
+
+
 def images_in_flight(
     device: Any,
     batch_size: int,
@@ -509,8 +517,7 @@ def images_in_flight(
 ) -> tuple[int, str]:
     """How many images :func:`iter_features` runs through the model at once, and the setting that changes it."""
     if resolve_decode(decode, device, num_workers) == "streams":
-        n_streams = _env_int("FEATX_STREAMS", streams) or default_streams()
-        micro = _env_int("FEATX_MICRO_BATCH", micro_batch) or default_micro_batch(device) or batch_size
+        n_streams, micro = stream_layout(device, batch_size, streams, micro_batch)
         return n_streams * micro, "the streams x micro-batch (FEATX_STREAMS, FEATX_MICRO_BATCH)"
     return batch_size, "--batch-size"
 
@@ -567,8 +574,7 @@ def iter_features(
         raise UsageError("--decode gpu needs a CUDA device")
     if decode == "streams" and cuda:
         raise UsageError("decode 'streams' is for the CPU (on CUDA use threads, processes or gpu)")
-    n_streams = _env_int("FEATX_STREAMS", streams) or default_streams()
-    micro = _env_int("FEATX_MICRO_BATCH", micro_batch) or default_micro_batch(device) or batch_size
+    n_streams, micro = stream_layout(device, batch_size, streams, micro_batch)
     draft = _env_flag("FEATX_JPEG_DRAFT", jpeg_draft)
     size = preprocessing.input_size
     files = ImageFiles(
