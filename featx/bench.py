@@ -63,7 +63,7 @@ import numpy as np
 
 from featx import __version__
 from featx.backbones import DEFAULT_BACKBONE, POOLED
-from featx.data import SAMPLE_DATASET, SplitPlan, load_dataset, sample_per_class
+from featx.data import SAMPLE_DATASET, RowSelection, SplitPlan, load_dataset
 from featx.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -553,51 +553,31 @@ def unmatched_dataset_keys(config: BenchConfig) -> dict[str, list[str]]:
 # Rows: which images each family gets
 
 
-def _draw_seed(seed: int, shots: int, draw: int) -> int:
-    return 1_000_000 * seed + 1000 * draw + shots
+_SPLIT_ROLES = ("train", "val", "test")
 
 
-def plan_positions(ds: Any, plan: SplitPlan, cap: int | None, seed: int) -> dict[str, Any]:
-    """The main grid's rows: ``train_rows`` (indices into the plan's train rows, what ``finetune`` takes;
-    None = all), and for train/val/test the source split and the positions in it."""
-    resolved = plan.resolve(ds)
-    src, rows = resolved["train"]
-    train_rows = None
-    if cap:
-        train_rows = sample_per_class(ds.split(src).labels[rows], cap, seed=seed)
-        rows = rows[train_rows]
-    out = {"train_rows": None if train_rows is None else train_rows.tolist(), "sources": {}, "positions": {}}
-    for name, (source, r) in (("train", (src, rows)), ("val", resolved["val"]), ("test", resolved["test"])):
-        out["sources"][name] = source
-        out["positions"][name] = [int(p) for p in r]
-    return out
+def _ctx_rows(ds: Any, plan: SplitPlan, cap: int | None) -> dict[str, Any]:
+    """The main grid's rows as the cells' ctx carries them (plain JSON, part of their fingerprints): ``train_rows``
+    (the plan's cap: indices into its train rows, what ``finetune`` takes; None = all), and for train/val/test
+    the source split (``sources``) and the dataset positions in it (``positions``)."""
+    train_rows = plan.cap(ds, cap)
+    rows = plan.resolve(ds, train_rows)
+    return {
+        "train_rows": None if train_rows is None else train_rows.tolist(),
+        "sources": {name: rows[name].split for name in _SPLIT_ROLES},
+        "positions": {name: list(rows[name].positions) for name in _SPLIT_ROLES},
+    }
 
 
-def fewshot_draw(ds: Any, plan: SplitPlan, shots: int, draw: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Draw ``draw`` of ``shots`` images per class from the plan's (uncapped) train rows: exactly k per class.
-
-    Returns (indices into the plan's train rows, positions in the source split). Heads and fine-tuning call
-    this with the same arguments, so they get the same images.
-    """
-    src, rows = plan.resolve(ds)["train"]
-    labels = ds.split(src).labels[rows]
-    counts = np.bincount(labels, minlength=len(ds.classes))
-    if counts.min() < shots:
-        raise UsageError(f"{shots}-shot draws need {shots} training images in every class; the smallest class has {counts.min()}")
-    idx = sample_per_class(labels, shots, seed=_draw_seed(seed, shots, draw))
-    return idx, rows[idx]
+def _ctx_selections(ctx: dict[str, Any]) -> dict[str, RowSelection]:
+    """The rows a cell's ctx carries (:func:`_ctx_rows`), as selections."""
+    return {name: RowSelection(ctx["sources"][name], ctx["positions"][name]) for name in _SPLIT_ROLES}
 
 
-def _as_positions(value: Any) -> list[int] | None:
-    """Fine-tuning's row record -> positions: it may be [[split, position], ...] or [position, ...]."""
-    if value is None:
-        return None
-    if isinstance(value, dict):
-        value = value.get("positions", value.get("rows"))
-    out = []
-    for v in value:
-        out.append(int(v[1]) if isinstance(v, (list, tuple)) else int(v))
-    return out
+def _recorded_positions(result: dict[str, Any], name: str, source: str) -> list[int] | None:
+    """Fine-tuning's ``<name>_rows`` record ([split, position] pairs) as the bench rows' bare positions."""
+    rows = RowSelection.from_record(result.get(f"{name}_rows"), source)
+    return None if rows is None else list(rows.positions)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -724,12 +704,6 @@ def _feature_sets(ds: Any, ctx: dict[str, Any], layer: str = POOLED) -> tuple[di
     return sets, results, seconds
 
 
-def _rows_at(fs: Any, positions: list[int] | np.ndarray) -> Any:
-    """The FeatureSet rows holding these source positions (images that failed to decode have none)."""
-    where = {int(p): r for r, p in enumerate(fs.indices)}
-    return fs.subset(np.asarray([where[int(p)] for p in positions if int(p) in where], dtype=np.int64))
-
-
 def _timed_build(ctx: dict[str, Any]) -> float:
     """Seconds to build the cell's backbone: importing torch and the model library, then constructing the pretrained
     model. Both families' cells call this first thing in their fresh process, so it is the cold build, timed the same
@@ -816,11 +790,11 @@ def cell_features(ctx: dict[str, Any]) -> dict[str, Any]:
     scan_seconds = time.perf_counter() - t0
     sets, results, extract_call = _feature_sets(ds, ctx)
     per_image = {r.split: _cache_seconds(r.path) / max(1, r.n_images) for r in results}
-    pos, sources = ctx["positions"], ctx["sources"]
-    tr = _rows_at(sets["train"], pos["train"])
+    selected = _ctx_selections(ctx)
+    tr = sets["train"].select(selected["train"])
     va, te = sets["val"], sets["test"]
-    used = {"train": len(pos["train"]), "val": len(pos["val"]), "test": len(pos["test"])}
-    extract_used = sum(per_image[sources[name]] * n for name, n in used.items())
+    used = {name: len(rows) for name, rows in selected.items()}
+    extract_used = sum(per_image[selected[name].split] * n for name, n in used.items())
     extract_all = sum(per_image[r.split] * r.n_images for r in results)
     n_images = sum(r.n_images for r in results)
     device_peak = _device_peak_mb(ctx["device"])
@@ -985,9 +959,9 @@ def cell_finetune(ctx: dict[str, Any]) -> dict[str, Any]:
             "host_rss_mb": host,
             "trainable_params": result.get("trainable_params"),
             "images_per_s": result.get("train_images_per_s"),
-            "train_positions": _as_positions(result.get("train_rows")),
-            "val_positions": _as_positions(result.get("val_rows")),
-            "test_positions": _as_positions(result.get("test_rows")),
+            "train_positions": _recorded_positions(result, "train", ctx["sources"]["train"]),
+            "val_positions": _recorded_positions(result, "val", ctx["sources"]["val"]),
+            "test_positions": _recorded_positions(result, "test", ctx["sources"]["test"]),
             "test_predictions": [int(p) for p in result["test_predictions"]],
             "test_labels": [int(y) for y in result["test_labels"]],
             "confusion_matrix": m.get("confusion_matrix"),
@@ -1009,13 +983,13 @@ def cell_fewshot_heads(ctx: dict[str, Any]) -> dict[str, Any]:
     for shots in few["shots"]:
         for draw in range(few["draws"]):
             try:
-                _, positions = fewshot_draw(ds, plan, shots, draw, ctx["seed"])
+                drawn = plan.fewshot(ds, shots, draw)
             except UsageError as exc:
                 skipped.append(f"{shots} shots: {exc}")
                 break
-            tr = _rows_at(sets["train"], positions)
+            tr = sets["train"].select(plan.resolve(ds, drawn)["train"])
             for kind in ctx["heads"]:
-                hf = fit_head_arrays(kind, tr.features, tr.labels, cv_folds=5, seed=_draw_seed(ctx["seed"], shots, draw))
+                hf = fit_head_arrays(kind, tr.features, tr.labels, cv_folds=5, seed=plan.draw_seed(shots, draw))
                 acc = float(np.mean(hf.estimator.predict(te.features) == te.labels))
                 points.append(
                     {
@@ -1038,17 +1012,19 @@ def cell_fewshot_finetune(ctx: dict[str, Any]) -> dict[str, Any]:
     from featx.finetuning import finetune
 
     ds = load_dataset(ctx["dataset"])
-    idx, positions = fewshot_draw(ds, _plan(ctx), ctx["shots"], ctx["draw"], ctx["seed"])
+    plan = _plan(ctx)
+    drawn = plan.fewshot(ds, ctx["shots"], ctx["draw"])
+    positions = plan.resolve(ds, drawn)["train"]
     run_dir = Path(ctx["run_dir"])
     result = finetune(
         ctx["dataset"],
-        train_rows=idx,
+        train_rows=drawn,
         selection="rule",
         final_fit="train",
         resume=(run_dir / "checkpoint.pt").is_file(),
         **_finetune_kwargs(ctx, run_dir),
     )
-    used = _as_positions(result.get("train_rows"))
+    used = _recorded_positions(result, "train", positions.split)
     point = {
         "method": f"finetune:{ctx['strategy']}",
         "family": "finetune",
@@ -1061,7 +1037,7 @@ def cell_fewshot_finetune(ctx: dict[str, Any]) -> dict[str, Any]:
         "fine_tune_epochs": result.get("fine_tune_epochs"),
         "augment": result.get("augment"),
         "n_fit": result.get("n_fit", result.get("n_train")),
-        "train_positions": used if used is not None else [int(p) for p in positions],
+        "train_positions": used if used is not None else list(positions.positions),
     }
     return {"points": [point]}
 
@@ -1077,18 +1053,14 @@ def cell_layerwise(ctx: dict[str, Any]) -> dict[str, Any]:
     from featx.inference import compute_features
 
     ds = load_dataset(ctx["dataset"])
-    resolved = _plan(ctx).resolve(ds)
-    train_src, train_rows = resolved["train"]
-    if ctx.get("train_rows") is not None:
-        train_rows = train_rows[np.asarray(ctx["train_rows"])]
-    resolved["train"] = (train_src, train_rows)
+    resolved = _plan(ctx).resolve(ds, ctx.get("train_rows"))
     bb = build_backbone(ctx["backbone"], ctx["weights"], image_size=ctx["image_size"])
     model, dims = bb.multi_layer_model(bb.layers)
     bounds = np.cumsum([0, *dims])
     per_split = {}
     tap = dataclasses.replace(bb, model=model)  # same backbone and preprocessing, multi-layer output
-    for name, (src, rows) in resolved.items():
-        split = ds.split(src).subset(rows)
+    for name, rows in resolved.items():
+        split = rows.split_of(ds)
         feats, errors = compute_features(tap, split.root, split.paths, device=ctx["device"], progress=ctx["progress"])
         ok = np.array([not e for e in errors], dtype=bool)
         per_split[name] = (
@@ -1096,7 +1068,7 @@ def cell_layerwise(ctx: dict[str, Any]) -> dict[str, Any]:
             split.labels[ok],
             [p for p, good in zip(split.paths, ok) if good],
             split.classes,
-            [int(r) for r in np.asarray(rows)[ok]],  # positions in the source split, like the rows' *_positions
+            [p for p, good in zip(rows.positions, ok) if good],  # positions in the source split, like the rows' *_positions
         )
     test_positions, test_labels = per_split["test"][4], [int(y) for y in per_split["test"][1]]
     points = []
@@ -1708,7 +1680,7 @@ def run_bench(
                 plan = SplitPlan(config.val_fraction, config.test_fraction, config.seed)
                 cap = config.cap_for(d.path)
                 image_size = config.image_size_for(d.path)
-                rows = plan_positions(ds, plan, cap, config.seed)
+                rows = _ctx_rows(ds, plan, cap)
                 ctx = {
                     "dataset": str(ds.root if ds.source == "imagefolder" else d.path),
                     "backbone": backbone,
@@ -1793,7 +1765,7 @@ def run_bench(
                             ft["rule_steps"] = few["finetune_rule_steps"]
                         for shots in few["finetune_shots"]:
                             try:
-                                fewshot_draw(ds, plan, shots, 0, config.seed)
+                                plan.fewshot(ds, shots, 0)
                             except UsageError as exc:
                                 entry.setdefault("fewshot_skipped", []).append(f"finetune {shots} shots: {exc}")
                                 continue

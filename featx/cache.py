@@ -61,6 +61,7 @@ import numpy as np
 
 from featx import __version__
 from featx.backbones import EmbedderSpec
+from featx.data import RowSelection
 from featx.errors import CacheError
 
 FORMAT_VERSION = 3  # 3: fletcher32 + digests, built from a journal; 2: one EmbedderSpec; 1: featx 0.1.0
@@ -1010,6 +1011,17 @@ def write_cache_file(
 # Reading
 
 
+def _rows_at_positions(indices: np.ndarray, positions: tuple[int, ...]) -> np.ndarray:
+    """The rows whose dataset position (``indices``) is in ``positions``, in the positions' order; a position with
+    no row (an image that failed to decode, in a FeatureSet) is skipped."""
+    if len(indices) == 0:
+        return np.empty(0, np.int64)
+    pos = np.asarray(positions, dtype=indices.dtype)
+    by_pos = np.argsort(indices, kind="stable")
+    at = np.minimum(np.searchsorted(indices, pos, sorter=by_pos), len(by_pos) - 1)
+    return by_pos[at][indices[by_pos[at]] == pos].astype(np.int64)
+
+
 @dataclass
 class FeatureSet:
     """A cache read into memory: only rows whose image decoded (``valid``)."""
@@ -1040,6 +1052,10 @@ class FeatureSet:
             self.path,
             self.split_labels,
         )
+
+    def select(self, rows: RowSelection) -> FeatureSet:
+        """The rows holding ``rows``' dataset positions, in their order (failed images have none)."""
+        return self.subset(_rows_at_positions(self.indices, rows.positions))
 
 
 def _read_attrs(f: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -1188,6 +1204,11 @@ class CacheReader:
             return np.flatnonzero(self.valid)
         wanted = np.sort(np.asarray(rows, dtype=np.int64))
         return wanted[self.valid[wanted]]
+
+    def rows_of(self, rows: RowSelection) -> np.ndarray:
+        """The file rows holding ``rows``' dataset positions, in their order (valid or not: :meth:`iter_chunks`
+        yields the valid ones)."""
+        return _rows_at_positions(self.indices, rows.positions)
 
     def iter_chunks(
         self, rows: np.ndarray | None = None, *, chunk_rows: int | None = None

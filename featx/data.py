@@ -725,10 +725,75 @@ def sample_per_class(labels: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     return np.sort(np.concatenate(picked))
 
 
+def _recorded_position(value: Any) -> int:
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise ValueError(f"not a dataset position: {value!r}")
+
+
+@dataclass(frozen=True)
+class RowSelection:
+    """Which images one part of a plan uses (its train, val or test rows): the dataset split that ``positions``
+    index (``train`` for rows carved out of it) and the positions, in order.
+
+    Heads and fine-tuning select with it alike, one way each: ``FeatureSet.select`` (a cache in memory; images that
+    failed to decode have no row there), ``CacheReader.rows_of`` (a streamed cache's file rows) and :meth:`split_of`
+    (the images themselves). On disk it keeps two forms, both read back by :meth:`from_record`: bench rows record
+    bare positions (``train_positions``...), fine-tuning results ``[split, position]`` pairs (``train_rows``...,
+    :meth:`pairs`).
+    """
+
+    split: str
+    positions: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "positions", tuple(int(p) for p in self.positions))
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    @property
+    def array(self) -> np.ndarray:
+        """The positions as an int64 array."""
+        return np.asarray(self.positions, dtype=np.int64)
+
+    def take(self, rows: Sequence[int] | np.ndarray) -> RowSelection:
+        """The selection's own rows ``rows`` (indices into it, in that order)."""
+        return RowSelection(self.split, self.array[np.asarray(rows, dtype=np.int64)])
+
+    def pairs(self) -> list[list[Any]]:
+        """Fine-tuning's recorded form: ``[[split, position], ...]``."""
+        return [[self.split, p] for p in self.positions]
+
+    def split_of(self, dataset: ImageDataset, name: str | None = None) -> Split:
+        """These images of ``dataset`` as a :class:`Split` (named ``name``, default the source split's name)."""
+        return dataset.split(self.split).subset(self.array, name=name)
+
+    @classmethod
+    def from_record(cls, value: Any, split: str) -> RowSelection | None:
+        """Read recorded rows: bare positions (of ``split``) or ``[split, position]`` pairs of one split; None stays
+        None. Raises ValueError for anything else (pairs naming two splits, a position that is not an integer)."""
+        if value is None:
+            return None
+        if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, np.ndarray)):
+            raise ValueError(f"recorded rows must be a list, got {type(value).__name__}")
+        pairs = [v for v in value if isinstance(v, (list, tuple))]
+        if not pairs:
+            return cls(split, tuple(_recorded_position(v) for v in value))
+        names = {v[0] if len(v) == 2 and isinstance(v[0], str) else None for v in pairs}
+        if len(pairs) != len(value) or len(names) != 1 or None in names:
+            raise ValueError("recorded rows must be bare positions or [split, position] pairs of one split")
+        return cls(names.pop(), tuple(_recorded_position(v[1]) for v in pairs))
+
+
 @dataclass(frozen=True)
 class SplitPlan:
     """How train/val/test rows are chosen; heads and fine-tuning use the same plan so results compare
-    row by row. Missing val (or test) splits are carved from train, stratified and seeded."""
+    row by row. Missing val (or test) splits are carved from train, stratified and seeded. The plan also owns
+    the bench's train cap (:meth:`cap`) and few-shot draws (:meth:`fewshot`), both seeded by its seed; either
+    gives ``train_rows`` (indices into the plan's train rows), which :meth:`resolve` turns into the rows used."""
 
     val_fraction: float = 0.2
     test_fraction: float = 0.2
@@ -747,18 +812,54 @@ class SplitPlan:
         out["train"] = rows
         return out
 
-    def resolve(self, dataset: ImageDataset) -> dict[str, tuple[str, np.ndarray]]:
-        """Map ``train``/``val``/``test`` to (source split name, row indices into that split)."""
+    def resolve(self, dataset: ImageDataset, train_rows: Sequence[int] | np.ndarray | None = None) -> dict[str, RowSelection]:
+        """The rows of ``train``/``val``/``test``. ``train_rows`` (indices into the plan's train rows: a cap, a
+        few-shot draw) narrows train; val and test stay whole."""
         carved = self.carve(dataset.split("train").labels, has_val="val" in dataset.splits, has_test="test" in dataset.splits)
-        plan = {name: ("train", rows) for name, rows in carved.items()}
+        plan = {name: RowSelection("train", rows) for name, rows in carved.items()}
         for name in ("val", "test"):
             if name in dataset.splits:
-                plan[name] = (name, np.arange(len(dataset.splits[name])))
+                plan[name] = RowSelection(name, range(len(dataset.splits[name])))
+        if train_rows is not None:
+            n = len(plan["train"])
+            pos = np.asarray(train_rows)
+            if pos.ndim != 1 or pos.size == 0 or not np.issubdtype(pos.dtype, np.integer) or pos.min() < 0 or pos.max() >= n:
+                raise UsageError(
+                    f"train_rows must be a non-empty list of positions in [0, {n}) "
+                    f"into the plan's train rows (got {pos.size} values)"
+                )
+            plan["train"] = plan["train"].take(pos)
         return plan
+
+    def _train_labels(self, dataset: ImageDataset) -> np.ndarray:
+        train = self.resolve(dataset)["train"]
+        return dataset.split(train.split).labels[train.array]
+
+    def cap(self, dataset: ImageDataset, per_class: int | None) -> np.ndarray | None:
+        """``train_rows`` keeping at most ``per_class`` images of each class of the plan's train rows (the bench's
+        train cap, seeded by the plan's seed); None (every row) without a cap."""
+        if not per_class:
+            return None
+        return sample_per_class(self._train_labels(dataset), per_class, seed=self.seed)
+
+    def draw_seed(self, shots: int, draw: int) -> int:
+        """The seed of few-shot draw ``draw`` of ``shots`` images per class (also the seed of the heads' CV in it)."""
+        return 1_000_000 * self.seed + 1000 * draw + shots
+
+    def fewshot(self, dataset: ImageDataset, shots: int, draw: int) -> np.ndarray:
+        """``train_rows`` of few-shot draw ``draw``: exactly ``shots`` images per class from the plan's (uncapped)
+        train rows. Heads and fine-tuning ask with the same arguments, so they get the same images."""
+        labels = self._train_labels(dataset)
+        counts = np.bincount(labels, minlength=len(dataset.classes))
+        if counts.min() < shots:
+            raise UsageError(
+                f"{shots}-shot draws need {shots} training images in every class; the smallest class has {counts.min()}"
+            )
+        return sample_per_class(labels, shots, seed=self.draw_seed(shots, draw))
 
     def describe(self, dataset: ImageDataset) -> dict[str, str]:
         out = {}
-        for name, (source, rows) in self.resolve(dataset).items():
-            carved = "" if source == name else f" (carved from {source}, seed {self.seed})"
+        for name, rows in self.resolve(dataset).items():
+            carved = "" if rows.split == name else f" (carved from {rows.split}, seed {self.seed})"
             out[name] = f"{len(rows)} images{carved}"
         return out

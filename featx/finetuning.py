@@ -72,7 +72,7 @@ import numpy as np
 
 from featx import __version__, runtime
 from featx.backbones import DEFAULT_BACKBONE, Backbone, EmbedderSpec, build_backbone, check_image_size, load_torch_file
-from featx.data import ImageDataset, ImageFiles, Split, SplitPlan, load_dataset, refuse_inside_dataset
+from featx.data import ImageDataset, ImageFiles, RowSelection, Split, SplitPlan, load_dataset, refuse_inside_dataset
 from featx.errors import DataError, MismatchError, UsageError
 from featx.inference import FORWARD_MEMORY_FACTOR, TRAINING_MEMORY_FACTOR, check_forward_memory
 from featx.metrics import classification_metrics
@@ -548,22 +548,11 @@ def init_head_from_probe(linear: nn.Linear, coef: np.ndarray, intercept: np.ndar
 
 def _resolve_splits(
     ds: ImageDataset, plan: SplitPlan, train_rows: Sequence[int] | np.ndarray | None
-) -> tuple[dict[str, Split], dict[str, tuple[str, np.ndarray]]]:
-    """The train/val/test splits and their dataset positions: ``name -> (source split, positions in it)``."""
-    resolved = plan.resolve(ds)
-    src, rows = resolved["train"]
-    if train_rows is not None:
-        pos = np.asarray(train_rows)
-        if pos.ndim != 1 or pos.size == 0 or not np.issubdtype(pos.dtype, np.integer) or pos.min() < 0 or pos.max() >= len(rows):
-            raise UsageError(
-                f"train_rows must be a non-empty list of positions in [0, {len(rows)}) "
-                f"into the plan's train rows (got {pos.size} values)"
-            )
-        rows = rows[pos]
-    positions = {"train": (src, np.asarray(rows, dtype=np.int64))}
-    for name in ("val", "test"):
-        positions[name] = (resolved[name][0], np.asarray(resolved[name][1], dtype=np.int64))
-    splits = {name: ds.split(s).subset(r, name=name) for name, (s, r) in positions.items()}
+) -> tuple[dict[str, Split], dict[str, RowSelection]]:
+    """The train/val/test splits and the rows of the dataset they hold."""
+    resolved = plan.resolve(ds, train_rows)
+    positions = {name: resolved[name] for name in ("train", "val", "test")}
+    splits = {name: rows.split_of(ds, name) for name, rows in positions.items()}
     for name, s in splits.items():
         if len(s) == 0:
             raise DataError(f"the {name} rows of {ds.root} are empty: add images or change the split plan")
@@ -806,7 +795,7 @@ class _Env:
 
     ds: ImageDataset
     splits: dict[str, Split]
-    positions: dict[str, tuple[str, np.ndarray]]
+    positions: dict[str, RowSelection]
     bb: Backbone
     pretrained: dict[str, Any]
     device: Any
@@ -1116,10 +1105,6 @@ def _check_grid(grid: Any) -> dict[str, list[float]]:
     return out
 
 
-def _row_pairs(source: str, rows: np.ndarray) -> list[list[Any]]:
-    return [[source, int(r)] for r in rows]
-
-
 # --------------------------------------------------------------------------------------------------
 # Entry points
 
@@ -1408,7 +1393,7 @@ def _run(
     train_seconds = sum(h["seconds"] for hist in histories for h in hist)
     train_images = sum(h["images"] for hist in histories for h in hist)
     fit_name = "fit" if final_fit == "train+val" and selection == "val" else "train"
-    fit_rows = _row_pairs(*positions["train"]) + (_row_pairs(*positions["val"]) if fit_name == "fit" else [])
+    fit_rows = positions["train"].pairs() + (positions["val"].pairs() if fit_name == "fit" else [])
     use_val = selection == "val"
     epochs_budget = cfg.epochs
     # What trained the final model, from what ran: the refit's epochs, or the selection run's up to the chosen one
@@ -1436,9 +1421,9 @@ def _run(
         "n_test": len(splits["test"]),
         "n_fit": len(fit_rows),
         "rows_format": "[source split, position in that split of the dataset]",
-        "train_rows": _row_pairs(*positions["train"]),
-        "val_rows": _row_pairs(*positions["val"]) if use_val else [],
-        "test_rows": _row_pairs(*positions["test"]),
+        "train_rows": positions["train"].pairs(),
+        "val_rows": positions["val"].pairs() if use_val else [],
+        "test_rows": positions["test"].pairs(),
         "fit_rows": fit_rows,
         "metrics": classification_metrics(y_true, y_pred, n_classes),
         "test_predictions": [int(v) for v in y_pred],

@@ -38,7 +38,7 @@ import numpy as np
 from featx import __version__
 from featx.backbones import EmbedderSpec
 from featx.cache import FeatureSet, now_iso
-from featx.data import SplitPlan
+from featx.data import RowSelection, SplitPlan
 from featx.errors import HeadFileError, MismatchError, UsageError
 from featx.metrics import classification_metrics, softmax
 
@@ -1195,10 +1195,7 @@ def split_features(train: FeatureSet, val: FeatureSet | None, test: FeatureSet |
     """Carve missing val/test splits out of the train cache exactly as fine-tuning does (same rows)."""
     labels = train.split_labels if train.split_labels is not None else train.labels
     carved = plan.carve(labels, has_val=val is not None, has_test=test is not None)
-    position_to_row = {int(p): r for r, p in enumerate(train.indices)}  # undecodable images have no row
-    out = {}
-    for name, positions in carved.items():
-        out[name] = train.subset(np.asarray([position_to_row[int(p)] for p in positions if int(p) in position_to_row]))
+    out = {name: train.select(RowSelection("train", rows)) for name, rows in carved.items()}
     if val is not None:
         out["val"] = val
     if test is not None:
@@ -1407,16 +1404,12 @@ def fit_head_streamed(
         d = tr_reader.feature_dim
         step = chunk_rows or max(tr_reader.chunk_rows, STREAM_CHUNK_BYTES // (4 * max(1, d)))
         carved = plan.carve(tr_reader.labels, has_val="val" in readers, has_test="test" in readers)
-        by_pos = np.argsort(tr_reader.indices, kind="stable")
         sources: dict[str, list[tuple[Any, np.ndarray | None]]] = {}
         for name in ("train", "val", "test"):
             if name in readers and name != "train":
                 sources[name] = [(readers[name], None)]
             elif name in carved:
-                pos = np.asarray(carved[name], dtype=tr_reader.indices.dtype)
-                at = np.minimum(np.searchsorted(tr_reader.indices, pos, sorter=by_pos), len(by_pos) - 1)
-                rows = by_pos[at][tr_reader.indices[by_pos[at]] == pos] if len(by_pos) else np.empty(0, np.int64)
-                sources[name] = [(tr_reader, rows.astype(np.int64))]
+                sources[name] = [(tr_reader, tr_reader.rows_of(RowSelection("train", carved[name])))]
 
         def raw_chunks(name: str) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
             for reader, rows in sources.get(name, []):

@@ -58,6 +58,7 @@ from typing import Any
 
 import numpy as np
 
+from featx.data import RowSelection
 from featx.errors import MismatchError, UsageError
 from featx.metrics import holm_adjust, paired_comparison, wilson_interval
 
@@ -2244,15 +2245,6 @@ def _augment_text(datasets: Mapping[str, Mapping[str, Any]]) -> str:
     return "heads: none — features of the centre crop (the weights' own preprocessing); " + tune
 
 
-def _position_key(p: Any) -> Any:
-    """Positions are ints or ``[split, position]`` pairs; make them hashable and comparable."""
-    if isinstance(p, (list, tuple)):
-        return tuple(_position_key(x) for x in p)
-    if isinstance(p, (np.integer, float)) and float(p).is_integer():
-        return int(p)
-    return p
-
-
 def _paired_inputs(
     head: Mapping[str, Any], tune: Mapping[str, Any], ds: Mapping[str, Any]
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | str:
@@ -2276,8 +2268,13 @@ def _paired_inputs(
             raise MismatchError(
                 f"{fam} row {row.get('strategy')}: {len(preds[fam])} test predictions for {len(pos[fam])} test positions"
             )
-    keys_h = [_position_key(p) for p in pos["head"]]
-    keys_t = [_position_key(p) for p in pos["finetune"]]
+    # bare positions (bench rows) index the test rows' source split; [split, position] pairs name theirs
+    source = (ds.get("position_sources") or {}).get("test", "test")
+    try:
+        recorded = {fam: RowSelection.from_record(v, source) for fam, v in pos.items()}
+    except ValueError:
+        return "test positions are not dataset positions, so it cannot be checked that both scored the same images"
+    keys_h, keys_t = ([(r.split, p) for p in r.positions] for r in (recorded["head"], recorded["finetune"]))
     labels_h = head.get("test_labels") if head.get("test_labels") is not None else ds.get("test_labels")
     labels_t = tune.get("test_labels") if tune.get("test_labels") is not None else ds.get("test_labels")
     if labels_h is None or labels_t is None:

@@ -124,8 +124,8 @@ def test_stratified_split_is_seeded_disjoint_and_stratified() -> None:
 def test_split_plan_carves_val_and_test_from_train(tmp_path: Path) -> None:
     ds = load_dataset(make_imagefolder(tmp_path / "ds", {"train": 10}, n_classes=2))
     plan = SplitPlan(val_fraction=0.2, test_fraction=0.3, seed=0).resolve(ds)
-    rows = {k: set(v[1].tolist()) for k, v in plan.items()}
-    assert all(v[0] == "train" for v in plan.values())
+    rows = {k: set(v.positions) for k, v in plan.items()}
+    assert all(v.split == "train" for v in plan.values())
     assert len(rows["test"]) == 6 and len(rows["val"]) == 2 and len(rows["train"]) == 12
     assert rows["train"].isdisjoint(rows["val"]) and rows["train"].isdisjoint(rows["test"])
 

@@ -234,7 +234,7 @@ def test_freeze_bn_stats_keeps_every_running_statistic_but_trains_bn_affine(colo
 def test_few_shot_train_rows_leave_val_and_test_whole(colours: Path, tmp_path: Path) -> None:
     ds = load_dataset(colours)
     plan = SplitPlan()
-    train_labels = ds.split("train").labels[plan.resolve(ds)["train"][1]]
+    train_labels = ds.split("train").labels[plan.resolve(ds)["train"].array]
     rows = sample_per_class(train_labels, 2, seed=1)  # what the bench does for a 2-shot draw
     res = finetune(
         ds,
@@ -387,7 +387,8 @@ def test_usage_and_mismatch_errors(colours: Path, tmp_path: Path) -> None:
 
 def _positions(ds_path: Path) -> dict[str, list[list[Any]]]:
     """Dataset positions of each split, computed from the default plan independently of finetune."""
-    return {name: [[src, int(r)] for r in rows] for name, (src, rows) in SplitPlan().resolve(load_dataset(ds_path)).items()}
+    resolved = SplitPlan().resolve(load_dataset(ds_path))
+    return {name: [[rows.split, int(r)] for r in rows.positions] for name, rows in resolved.items()}
 
 
 def test_final_fit_retrains_on_train_plus_val_rows_for_the_chosen_epochs(colours: Path, tmp_path: Path) -> None:
