@@ -432,6 +432,7 @@ bb.embedder("pooled", "fp32").to_dict()
 t = stamp("embedder_spec_s", t)
 from featx import runtime
 from featx.inference import prepare_model, StageTimes, iter_features, normalize_batch
+from featx.runtime import InferenceSettings
 dev = torch.device(device)
 runtime.configure_threads(0, dev)
 fn, applied = prepare_model(bb.model, device=dev, input_size=224)
@@ -448,7 +449,8 @@ for mode in modes:  # "streams" (the CPU default) or "threads:BS"
     prof = StageTimes()
     t0 = time.perf_counter()
     feats = []
-    for b in iter_features(bb.model, bb.preprocessing, root, rel, device=dev, batch_size=int(bs or 16), num_workers=0, progress=False, profile=prof, decode=decode):
+    settings = InferenceSettings(device=str(dev), batch_size=int(bs or 16), num_workers=0, decode=decode)
+    for b in iter_features(bb.model, bb.preprocessing, root, rel, settings=settings, progress=False, profile=prof):
         feats.append(b.features)
     wall = time.perf_counter() - t0
     out["loop"][mode] = {**prof.to_dict(), "wall_s": wall, "images_per_s": len(rel) / wall}

@@ -429,6 +429,45 @@ def resolve_embedder(
     )
 
 
+def embedder_spec(
+    embedder: EmbedderSpec | None = None,
+    *,
+    backbone: str | None = None,
+    weights: str | None = None,
+    layer: str | None = None,
+    image_size: int | None = None,
+    precision: str | None = None,
+) -> EmbedderSpec:
+    """The embedder a public function works with: ``embedder`` as given, or built from the loose keywords
+    (:func:`resolve_embedder`; None takes the default: efficientnet_lite0, imagenet, pooled, its own size, fp32).
+    A loose keyword given together with ``embedder`` must say the same, else a :class:`UsageError` names both."""
+    loose = {"backbone": backbone, "weights": weights, "layer": layer, "image_size": image_size, "precision": precision}
+    if embedder is None:
+        return resolve_embedder(
+            backbone or DEFAULT_BACKBONE,
+            weights or "imagenet",
+            layer=layer or POOLED,
+            image_size=image_size,
+            precision=precision or "fp32",
+        )
+    if not isinstance(embedder, EmbedderSpec):
+        what = type(embedder).__name__
+        raise UsageError(f"embedder must be an EmbedderSpec (see featx.backbones.resolve_embedder), got {what}")
+    clash = []
+    for name, value in loose.items():
+        if value is None:
+            continue
+        if name == "backbone":
+            value = canonical_name(value)
+        elif name == "weights" and value not in WEIGHT_SOURCES:
+            value = str(Path(value).expanduser().resolve())
+        if value != getattr(embedder, name):
+            clash.append(f"{name}={value!r} (embedder: {getattr(embedder, name)!r})")
+    if clash:
+        raise UsageError(f"give the embedder either as embedder= or as keywords, not both with other values: {', '.join(clash)}")
+    return embedder
+
+
 def list_backbones() -> list[dict[str, Any]]:
     """The registry with where each backbone's ImageNet weights come from and whether they are on disk."""
     rows = []

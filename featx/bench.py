@@ -690,10 +690,7 @@ def _feature_sets(ds: Any, ctx: dict[str, Any], layer: str = POOLED) -> tuple[di
     t0 = time.perf_counter()
     results = extract(
         ds,
-        backbone=ctx["backbone"],
-        weights=ctx["weights"],
-        image_size=ctx["image_size"],
-        layer=layer,
+        _embedder(ctx, layer),
         device=ctx["device"],
         cache_dir=ctx["cache_dir"],
         progress=ctx["progress"],
@@ -702,6 +699,13 @@ def _feature_sets(ds: Any, ctx: dict[str, Any], layer: str = POOLED) -> tuple[di
     loaded = {r.split: load_cache(r.path) for r in results}
     sets = split_features(loaded["train"], loaded.get("val"), loaded.get("test"), _plan(ctx))
     return sets, results, seconds
+
+
+def _embedder(ctx: dict[str, Any], layer: str = POOLED) -> Any:
+    """The cell's EmbedderSpec (resolved in the cell's own process: it hashes the weights file)."""
+    from featx.backbones import embedder_spec
+
+    return embedder_spec(backbone=ctx["backbone"], weights=ctx["weights"], image_size=ctx["image_size"], layer=layer)
 
 
 def _timed_build(ctx: dict[str, Any]) -> float:
@@ -873,9 +877,7 @@ def _finetune_kwargs(ctx: dict[str, Any], run_dir: Path) -> dict[str, Any]:
 
     config = FinetuneConfig(**{**ctx["finetune"], "strategy": ctx["strategy"], "device": ctx["device"], "seed": ctx["seed"]})
     return {
-        "backbone": ctx["backbone"],
-        "weights": ctx["weights"],
-        "image_size": ctx["image_size"],
+        "embedder": _embedder(ctx),
         "config": config,
         "split_plan": _plan(ctx),
         "out_dir": run_dir,

@@ -113,9 +113,30 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.]+", "_", text).strip("_")[:40] or "x"
 
 
-def cache_filename(dataset_name: str, spec: CacheSpec) -> str:
+def cache_path(cache_dir: str | os.PathLike[str], dataset_name: str, spec: CacheSpec) -> Path:
+    """Where the cache for ``spec`` lives: ``<cache_dir>/<dataset>-<split>-<backbone>-<layer>-<key>.h5``. The one
+    place a key becomes a name: its journal, assembly file and lock are named from this path (:func:`journal_dir`,
+    :func:`tmp_path`, :func:`lock_path`; back with :func:`final_path`), and a key or key prefix finds its entries
+    again through :func:`key_entries`."""
     emb = spec.embedder
-    return f"{_slug(dataset_name)}-{spec.split}-{_slug(emb.backbone)}-{_slug(emb.layer)}-{spec.key()}.h5"
+    return Path(cache_dir) / f"{_slug(dataset_name)}-{spec.split}-{_slug(emb.backbone)}-{_slug(emb.layer)}-{spec.key()}.h5"
+
+
+def final_path(entry: Path) -> Path:
+    """The cache file an entry of the cache folder belongs to (``<name>.partial`` or ``<name>.h5.tmp`` -> ``<name>.h5``)."""
+    m = _NAME_RE.match(entry.name)
+    return entry.with_name(m["stem"] + ".h5") if m else entry.with_suffix(".h5")
+
+
+def key_entries(cache_dir: Path, ref: str, exts: tuple[str, ...] = (".h5",)) -> dict[str, list[Path]]:
+    """The entries of the cache folder with these extensions whose key (in featx's names) starts with ``ref``, a
+    whole key or a key prefix, grouped by key. Hidden entries and ``.locks`` are never looked at."""
+    groups: dict[str, list[Path]] = {}
+    for p in _cache_entries(cache_dir):
+        m = _NAME_RE.match(p.name)
+        if m and m["ext"] in exts and m["key"].startswith(ref):
+            groups.setdefault(m["key"], []).append(p)
+    return groups
 
 
 def journal_dir(final: Path) -> Path:
@@ -375,8 +396,7 @@ def find_cache(cache_dir: Path, spec: CacheSpec) -> Path | None:
     by its key and must also hold that key and the same embedder and rows: a renamed or edited file is refused."""
     if not cache_dir.is_dir():
         return None
-    key = spec.key()
-    hits = sorted(cache_dir.glob(f"*-{key}.h5"))
+    hits = key_entries(cache_dir, spec.key()).get(spec.key(), [])
     if not hits:
         return None
     check_cache_spec(hits[0], read_cache_attrs(hits[0], check_digest=False), spec)  # the specific message first
@@ -1299,7 +1319,7 @@ def _entry_problem(p: Path) -> str | None:
         return cache_file_problem(p)
     if m["ext"] == ".partial":
         return journal_problem(p)
-    return assembly_problem(p.with_name(m["stem"] + ".h5"))
+    return assembly_problem(final_path(p))
 
 
 def _size_mb(p: Path) -> float | None:
@@ -1315,7 +1335,7 @@ def _journal_row(p: Path) -> dict[str, Any]:
     if not p.is_dir():
         row.update(size_mb=p.stat().st_size / 2**20, status="unusable: a partial file from an older featx")
         return row
-    j = CacheJournal(p.with_suffix(".h5"))
+    j = CacheJournal(final_path(p))
     files = j.chunk_files()
     row["size_mb"] = sum(f.stat().st_size for f in files.values() if f.exists()) / 2**20
     try:
@@ -1392,11 +1412,7 @@ def _lookup_key(ref: str, d: Path, exts: tuple[str, ...]) -> tuple[str, list[Pat
     prefix = ref.strip().lower()
     if not re.fullmatch(r"[0-9a-f]{1,20}", prefix):
         raise CacheError(f"'{ref}' is not a cache key or key prefix (keys are 20 hex digits: see featx cache ls)")
-    groups: dict[str, list[Path]] = {}
-    for p in _cache_entries(d):
-        m = _NAME_RE.match(p.name)
-        if m and m["ext"] in exts and m["key"].startswith(prefix):
-            groups.setdefault(m["key"], []).append(p)
+    groups = key_entries(d, prefix, exts)
     if not groups:
         raise CacheError(f"no cache with key '{ref}' in {d} (see: featx cache ls)")
     if len(groups) > 1:
@@ -1443,7 +1459,7 @@ def _delete_entry(p: Path) -> None:
     """Delete a cache-folder entry that was just proven featx's (under its key lock)."""
     m = _NAME_RE.match(p.name)
     if m and m["ext"] == ".partial":
-        CacheJournal(p.with_suffix(".h5")).discard()  # checks again, deletes only the files it checked
+        CacheJournal(final_path(p)).discard()  # checks again, deletes only the files it checked
     else:
         try:
             p.unlink()

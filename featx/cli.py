@@ -10,7 +10,6 @@ import argparse
 import json
 import logging
 import math
-import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -161,13 +160,20 @@ def _add_inference_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _set_inference_env(args: argparse.Namespace) -> None:
-    """Pass --optimize/--decode/--jpeg-draft to featx.inference (read there when left at their defaults)."""
-    for name, value in (("FEATX_OPTIMIZE", args.optimize), ("FEATX_DECODE", args.decode)):
-        if value is not None:
-            os.environ[name] = value
-    if args.jpeg_draft:
-        os.environ["FEATX_JPEG_DRAFT"] = "1"
+def _settings(args: argparse.Namespace) -> Any:
+    """The InferenceSettings of a command: its runtime and inference flags over the documented FEATX_* defaults
+    (flags a command does not have are left to those defaults)."""
+    from featx.runtime import InferenceSettings
+
+    return InferenceSettings.from_env(
+        device=getattr(args, "device", None),
+        batch_size=getattr(args, "batch_size", None),
+        num_workers=getattr(args, "num_workers", None),
+        channels_last=False if getattr(args, "no_channels_last", False) else None,
+        optimize=getattr(args, "optimize", None),
+        decode=getattr(args, "decode", None),
+        jpeg_draft=True if getattr(args, "jpeg_draft", False) else None,
+    )
 
 
 def _add_outside_root(p: argparse.ArgumentParser) -> None:
@@ -392,7 +398,6 @@ def cmd_extract(args: argparse.Namespace) -> int:
     ds = load_dataset(args.dataset, allow_outside_root=args.allow_outside_root)
     for note in ds.notes:
         _err(f"  note: {note}")
-    _set_inference_env(args)
     results = extract(
         ds,
         splits=args.splits.split(",") if args.splits else None,
@@ -401,10 +406,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         layer=args.layer,
         image_size=args.image_size,
         precision=args.precision,
-        device=args.device,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        channels_last=not args.no_channels_last,
+        settings=_settings(args),
         cache_dir=args.cache_dir,
         force=args.force,
         progress=_progress(args),
@@ -537,9 +539,7 @@ def _resolve_head_caches(args: argparse.Namespace) -> tuple[dict[str, Any], str]
         "cache_dir": args.cache_dir,
     }
     if args.extract:
-        extract(
-            ds, device=args.device, batch_size=args.batch_size, num_workers=args.num_workers, progress=_progress(args), **options
-        )
+        extract(ds, settings=_settings(args), progress=_progress(args), **options)
     if getattr(args, "stream", False):
         return dict(find_caches(ds, **options)), ds.name
     return {name: load_cache(path) for name, path in find_caches(ds, **options).items()}, ds.name
@@ -628,9 +628,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         args.head,
         args.inputs,
         cache=cache,
-        device=args.device,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
+        settings=_settings(args),
         weights=args.weights,
         progress=_progress(args),
     )

@@ -19,29 +19,37 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
-from featx.backbones import DEFAULT_BACKBONE, POOLED
+from featx.backbones import EmbedderSpec
 from featx.errors import DataError
+from featx.runtime import InferenceSettings
 
 
 class ImageFeatureExtractor(TransformerMixin, BaseEstimator):
     """Image paths (absolute, or relative to ``root``) -> (N, D) float32 features of a frozen backbone.
 
-    Parameters mirror ``featx extract``. An image that cannot be decoded raises :class:`DataError`
-    (a pipeline cannot drop rows silently).
+    ``embedder`` (an :class:`~featx.backbones.EmbedderSpec`) says which features, ``settings`` (an
+    :class:`~featx.runtime.InferenceSettings`) how the forward runs. The loose parameters mirror ``featx extract``
+    and are a convenience that builds them (None: the default; given with the object, they must agree with it):
+    ``backbone`` (efficientnet_lite0), ``weights``, ``layer``, ``image_size``, ``precision``; ``device``,
+    ``batch_size``, ``num_workers`` (None: 0 when no settings are given, i.e. decode in this process). Without
+    ``settings`` the documented ``FEATX_*`` environment defaults apply when features are computed.
+    An image that cannot be decoded raises :class:`DataError` (a pipeline cannot drop rows silently).
     """
 
     def __init__(
         self,
-        backbone: str = DEFAULT_BACKBONE,
+        backbone: str | None = None,
         *,
-        weights: str = "imagenet",
-        layer: str = POOLED,
+        weights: str | None = None,
+        layer: str | None = None,
         image_size: int | None = None,
-        precision: str = "fp32",
-        device: str = "auto",
+        precision: str | None = None,
+        device: str | None = None,
         batch_size: int | None = None,
-        num_workers: int | None = 0,
+        num_workers: int | None = None,
         root: str | None = None,
+        embedder: EmbedderSpec | None = None,
+        settings: InferenceSettings | None = None,
     ) -> None:
         self.backbone = backbone
         self.weights = weights
@@ -52,14 +60,33 @@ class ImageFeatureExtractor(TransformerMixin, BaseEstimator):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.root = root
+        self.embedder = embedder
+        self.settings = settings
+
+    def _settings(self) -> InferenceSettings:
+        from featx import runtime
+
+        workers = self.num_workers
+        if self.settings is None and workers is None:
+            workers = 0
+        return runtime.inference_settings(self.settings, device=self.device, batch_size=self.batch_size, num_workers=workers)
 
     def fit(self, X: Sequence[str], y: Any = None) -> ImageFeatureExtractor:
-        """Build the backbone (the features need no fitting); records ``n_features_out_``."""
-        from featx.backbones import build_backbone
+        """Build the backbone (the features need no fitting); records ``embedder_`` and ``n_features_out_``."""
+        from featx.backbones import build_embedder, embedder_spec
 
-        self.backbone_ = build_backbone(self.backbone, self.weights, image_size=self.image_size)
+        spec = embedder_spec(
+            self.embedder,
+            backbone=self.backbone,
+            weights=self.weights,
+            layer=self.layer,
+            image_size=self.image_size,
+            precision=self.precision,
+        )
+        self.backbone_ = build_embedder(spec)
+        self.embedder_ = spec
         self.preprocessing_ = self.backbone_.preprocessing.to_dict()
-        self.n_features_out_ = self.backbone_.layer_dim(self.layer)
+        self.n_features_out_ = self.backbone_.layer_dim(spec.layer)
         return self
 
     def transform(self, X: Sequence[str]) -> np.ndarray:
@@ -74,11 +101,9 @@ class ImageFeatureExtractor(TransformerMixin, BaseEstimator):
             self.backbone_,
             Path(self.root or ""),
             paths,
-            layer=self.layer,
-            device=self.device,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            precision=self.precision,
+            layer=self.embedder_.layer,
+            precision=self.embedder_.precision,
+            settings=self._settings(),
         )
         bad = [(p, e) for p, e in zip(paths, errors) if e]
         if bad:

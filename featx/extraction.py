@@ -28,14 +28,7 @@ from typing import Any
 import numpy as np
 
 from featx import __version__, runtime
-from featx.backbones import (
-    DEFAULT_BACKBONE,
-    POOLED,
-    Backbone,
-    EmbedderSpec,
-    build_embedder,
-    resolve_embedder,
-)
+from featx.backbones import POOLED, Backbone, EmbedderSpec, build_embedder, embedder_spec
 from featx.cache import (
     CacheJournal,
     CacheReader,
@@ -45,7 +38,7 @@ from featx.cache import (
     NotFeatxError,
     base_attrs,
     cache_file_problem,
-    cache_filename,
+    cache_path,
     find_cache,
     lock_path,
     read_cache_attrs,
@@ -64,6 +57,7 @@ from featx.inference import (  # noqa: F401  (compute_features is re-exported)
     images_in_flight,
     iter_features,
 )
+from featx.runtime import InferenceSettings
 
 log = logging.getLogger(__name__)
 
@@ -126,19 +120,24 @@ def chunk_rows_for(batch_size: int) -> int:
 
 def find_caches(
     dataset: str | Path | ImageDataset,
+    embedder: EmbedderSpec | None = None,
     *,
-    backbone: str = DEFAULT_BACKBONE,
-    weights: str = "imagenet",
-    layer: str = POOLED,
+    backbone: str | None = None,
+    weights: str | None = None,
+    layer: str | None = None,
     image_size: int | None = None,
-    precision: str = "fp32",
+    precision: str | None = None,
     cache_dir: str | Path | None = None,
 ) -> dict[str, Path]:
-    """The existing cache of every split of ``dataset`` for these options, found by key (no model is
-    built). A split without a cache raises :class:`CacheError` saying which command makes it."""
+    """The existing cache of every split of ``dataset`` for ``embedder``, found by key (no model is built).
+    ``backbone``, ``weights``, ``layer``, ``image_size`` and ``precision`` are a convenience that builds the
+    embedder (:func:`featx.backbones.embedder_spec`). A split without a cache raises :class:`CacheError` saying
+    which command makes it."""
     ds = dataset if isinstance(dataset, ImageDataset) else load_dataset(dataset)
     cdir = resolve_cache_dir(cache_dir)
-    embedder = resolve_embedder(backbone, weights, layer=layer, image_size=image_size, precision=precision)
+    embedder = embedder_spec(
+        embedder, backbone=backbone, weights=weights, layer=layer, image_size=image_size, precision=precision
+    )
     found = {}
     for name, split in ds.splits.items():
         path = find_cache(cdir, cache_spec(split, embedder))
@@ -282,24 +281,32 @@ class _ChunkWriter:
 
 def extract(
     dataset: str | Path | ImageDataset,
+    embedder: EmbedderSpec | None = None,
     *,
     splits: Sequence[str] | None = None,
-    backbone: str = DEFAULT_BACKBONE,
-    weights: str = "imagenet",
-    layer: str = POOLED,
-    image_size: int | None = None,
-    precision: str = "fp32",
-    device: str = "auto",
-    batch_size: int | None = None,
-    num_workers: int | None = None,
-    channels_last: bool = True,
+    settings: InferenceSettings | None = None,
     cache_dir: str | Path | None = None,
     force: bool = False,
     progress: bool = True,
     strict: bool = False,
     allow_outside_root: bool = False,
+    backbone: str | None = None,
+    weights: str | None = None,
+    layer: str | None = None,
+    image_size: int | None = None,
+    precision: str | None = None,
+    device: str | None = None,
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+    channels_last: bool | None = None,
 ) -> list[ExtractResult]:
-    """Extract features for each split of ``dataset`` into the cache folder; existing caches are hits.
+    """Extract the features of ``embedder`` (an :class:`~featx.backbones.EmbedderSpec`) for each split of
+    ``dataset`` into the cache folder; existing caches are hits.
+
+    ``settings`` (:class:`~featx.runtime.InferenceSettings`) say how the forward runs (default:
+    :meth:`~featx.runtime.InferenceSettings.from_env`). Loose keywords are a convenience: ``backbone``,
+    ``weights``, ``layer``, ``image_size``, ``precision`` build the embedder, ``device``, ``batch_size``,
+    ``num_workers``, ``channels_last`` the settings (given with the object, they must agree with it).
 
     The model is built only when some split misses (or re-tries earlier transient failures). An interrupted
     run is resumed from its journal. ``force`` rebuilds a cache even if one exists; the old one is replaced
@@ -310,7 +317,13 @@ def extract(
     names = list(splits) if splits else list(ds.splits)
     for n in names:
         ds.split(n)  # raises a clear error for a split the dataset does not have
-    embedder = resolve_embedder(backbone, weights, layer=layer, image_size=image_size, precision=precision)
+    embedder = embedder_spec(
+        embedder, backbone=backbone, weights=weights, layer=layer, image_size=image_size, precision=precision
+    )
+    settings = runtime.inference_settings(
+        settings, device=device, batch_size=batch_size, num_workers=num_workers, channels_last=channels_last
+    )
+    layer = embedder.layer
     cdir = resolve_cache_dir(cache_dir)
     refuse_inside_dataset(cdir, ds, "--cache-dir")
     _prepare_cache_dir(cdir)
@@ -325,21 +338,12 @@ def extract(
             built.append(bb)
         return built[0]
 
-    opts = {
-        "layer": layer,
-        "precision": precision,
-        "device": device,
-        "batch_size": batch_size,
-        "num_workers": num_workers,
-        "channels_last": channels_last,
-        "progress": progress,
-    }
     for name in names:
         split = ds.split(name)
         spec = cache_spec(split, embedder)
-        final = cdir / cache_filename(ds.name, spec)
+        final = cache_path(cdir, ds.name, spec)
         with KeyLock(lock_path(final)):  # a second run for the same key waits, then sees a hit
-            result = _extract_or_hit(ds, split, spec, final, get_backbone, force=force, **opts)
+            result = _extract_or_hit(ds, split, spec, final, get_backbone, force=force, settings=settings, progress=progress)
         results.append(result)
         if strict and result.n_failed:
             first = result.failures[0] if result.failures else _first_failure(result.path, split)
@@ -366,7 +370,8 @@ def _extract_or_hit(
     get_backbone: Callable[[], Backbone],
     *,
     force: bool,
-    **opts: Any,
+    settings: InferenceSettings,
+    progress: bool,
 ) -> ExtractResult:
     remove_assembly_file(final)  # an assembly killed before its rename (something foreign there: a clear error)
     journal = CacheJournal(final)
@@ -378,7 +383,11 @@ def _extract_or_hit(
         transient = [(i, r) for i, r in read_failures(hit) if is_transient_failure(r)]
         if transient and cache_file_problem(hit) is None:
             return _with_interrupts(
-                final, split, lambda: _retry_failures(hit, split, spec, [i for i, _ in transient], get_backbone, **opts)
+                final,
+                split,
+                lambda: _retry_failures(
+                    hit, split, spec, [i for i, _ in transient], get_backbone, settings=settings, progress=progress
+                ),
             )
         if transient:
             log.warning("%s: not re-trying %d earlier failure(s): %s", split.name, len(transient), cache_file_problem(hit))
@@ -388,7 +397,9 @@ def _extract_or_hit(
         if why:
             raise NotFeatxError(final, why)
     journal.check_ours()  # never resume over, or discard, a folder featx cannot prove it wrote
-    return _with_interrupts(final, split, lambda: _extract_split(ds, split, spec, journal, get_backbone, **opts))
+    return _with_interrupts(
+        final, split, lambda: _extract_split(ds, split, spec, journal, get_backbone, settings=settings, progress=progress)
+    )
 
 
 def _discard_quietly(journal: CacheJournal) -> None:
@@ -420,23 +431,6 @@ def _norm_json(v: Any) -> Any:
     return json.loads(json.dumps(v, sort_keys=True, default=str))
 
 
-#: featx.inference's settings that can change the float32 rounding but are not in the cache key (``--optimize``,
-#: ``--decode``, ``--jpeg-draft`` reach it through these variables). A journal records them as given; a rerun
-#: with other values starts over instead of mixing two kinds of rows in one cache.
-_INFERENCE_ENV = {
-    "optimize": "FEATX_OPTIMIZE",
-    "decode": "FEATX_DECODE",
-    "jpeg_draft": "FEATX_JPEG_DRAFT",
-    "streams": "FEATX_STREAMS",
-    "micro_batch": "FEATX_MICRO_BATCH",
-}
-
-
-def _inference_settings() -> dict[str, str]:
-    values = {k: os.environ.get(v, "").strip().lower() for k, v in _INFERENCE_ENV.items()}
-    return {k: "" if v == "auto" else v for k, v in values.items()}
-
-
 def _extract_split(
     ds: ImageDataset,
     split: Split,
@@ -444,19 +438,16 @@ def _extract_split(
     journal: CacheJournal,
     get_backbone: Callable[[], Backbone],
     *,
-    layer: str,
-    precision: str,
-    device: str,
-    batch_size: int | None,
-    num_workers: int | None,
-    channels_last: bool,
+    settings: InferenceSettings,
     progress: bool,
 ) -> ExtractResult:
     t0 = time.perf_counter()
-    dev = runtime.resolve_device(device)
+    layer, precision = spec.embedder.layer, spec.embedder.precision
+    dev = runtime.resolve_device(settings.device)
     runtime.check_precision(precision, dev)
     n = len(split)
-    # What must match for a journal to be resumed (the key covers rows and embedder; the device changes numbers).
+    # What must match for a journal to be resumed (the key covers rows and embedder; the device changes numbers;
+    # the settings that can change the rounding without being in the key are the settings' own record).
     requested = _norm_json(
         {
             "key": spec.key(),
@@ -465,7 +456,7 @@ def _extract_split(
             "device": dev.type,
             "layer": layer,
             "featx_version": __version__,
-            **_inference_settings(),
+            **settings.to_dict(),
         }
     )
     state = None
@@ -491,9 +482,9 @@ def _extract_split(
             journal.discard()
             state = None
         if state is None:
-            bs = batch_size or default_batch_size(dev)
-            workers = runtime.default_num_workers() if num_workers is None else num_workers
-            n_flight, knob = images_in_flight(dev, bs, workers)
+            bs = settings.batch_size or default_batch_size(dev)
+            workers = runtime.default_num_workers() if settings.num_workers is None else settings.num_workers
+            n_flight, knob = images_in_flight(dev, settings.with_(batch_size=bs, num_workers=workers))
             check_forward_memory(n_flight, bb.preprocessing.input_size, dev, knob)  # before the journal exists
             cache_attrs = {
                 "key": spec.key(),
@@ -507,7 +498,7 @@ def _extract_split(
                 "device": str(dev),
                 "batch_size": bs,
                 "chunk_rows": chunk_rows_for(bs),
-                "channels_last": bool(channels_last),
+                "channels_last": bool(settings.channels_last),
                 "dtype": "float16" if precision == "fp16" else "float32",
             }
             journal.create(
@@ -515,7 +506,7 @@ def _extract_split(
                     **requested,
                     "batch_size": bs,
                     "chunk_rows": chunk_rows_for(bs),
-                    "channels_last": bool(channels_last),
+                    "channels_last": bool(settings.channels_last),
                     "dataset_name": ds.name,
                     "split": split.name,
                     "embedder": emb,
@@ -525,9 +516,9 @@ def _extract_split(
             )
             state = journal.verify()
     resumed_at = journal.done_rows(state.chunks)
-    if resumed_at and batch_size and batch_size != journal.header["batch_size"]:
+    if resumed_at and settings.batch_size and settings.batch_size != journal.header["batch_size"]:
         kept = journal.header["batch_size"]
-        log.info("resuming with the journal's batch size %s (asked: %s) so that the batches match", kept, batch_size)
+        log.info("resuming with the journal's batch size %s (asked: %s) so that the batches match", kept, settings.batch_size)
     cache_attrs = dict(journal.header["cache_attrs"])
     dtype = np.float16 if cache_attrs.get("dtype") == "float16" else np.float32
     computed = 0
@@ -540,7 +531,7 @@ def _extract_split(
             layer=layer,
             precision=precision,
             dev=dev,
-            num_workers=num_workers,
+            settings=settings,
             progress=progress,
             dtype=dtype,
         )
@@ -602,16 +593,18 @@ def _compute_missing(
     layer: str,
     precision: str,
     dev: Any,
-    num_workers: int | None,
+    settings: InferenceSettings,
     progress: bool,
     dtype: Any,
 ) -> int:
     """Compute every chunk the journal lacks (contiguous runs of chunks, each one pass over its rows) and write
-    them through the background writer. Returns the number of rows computed."""
+    them through the background writer, with the journal's batch size and memory format. Returns the number of
+    rows computed."""
     h = journal.header
     bs, chunk_rows = int(h["batch_size"]), journal.chunk_rows
-    workers = runtime.default_num_workers() if num_workers is None else num_workers
+    workers = runtime.default_num_workers() if settings.num_workers is None else settings.num_workers
     runtime.configure_threads(workers, dev)
+    run = settings.with_(device=str(dev), batch_size=bs, num_workers=workers, channels_last=bool(h.get("channels_last", True)))
     model = bb.feature_model(layer)
     missing = [i for i in range(journal.n_chunks) if i not in state.chunks]
     runs: list[tuple[int, int]] = []  # [first chunk, last chunk] of each contiguous run
@@ -635,11 +628,8 @@ def _compute_missing(
                 split.root,
                 split.paths[lo:hi],
                 split.labels[lo:hi],
-                device=dev,
-                batch_size=bs,
-                num_workers=workers,
+                settings=run,
                 precision=precision,
-                channels_last=bool(h.get("channels_last", True)),
                 progress=progress,
                 desc=f"extract {split.name}",
             ):
@@ -697,24 +687,27 @@ def _retry_failures(
     rows: list[int],
     get_backbone: Callable[[], Backbone],
     *,
-    layer: str,
-    precision: str,
-    device: str,
-    batch_size: int | None,
-    num_workers: int | None,
-    channels_last: bool,
+    settings: InferenceSettings,
     progress: bool,
 ) -> ExtractResult:
     """A complete cache holds failures that may have gone away (a permission, an I/O error): compute exactly
-    those rows again and rewrite the cache (atomically, like any cache write)."""
+    those rows again (with the cache's batch size and memory format) and rewrite the cache (atomically, like any
+    cache write)."""
     t0 = time.perf_counter()
-    dev = runtime.resolve_device(device)
+    layer, precision = spec.embedder.layer, spec.embedder.precision
+    dev = runtime.resolve_device(settings.device)
     runtime.check_precision(precision, dev)
     bb = get_backbone()
-    workers = runtime.default_num_workers() if num_workers is None else num_workers
+    workers = runtime.default_num_workers() if settings.num_workers is None else settings.num_workers
     runtime.configure_threads(workers, dev)
     with CacheReader(hit) as reader:
-        bs = int(reader.attrs.get("batch_size") or batch_size or default_batch_size(dev))
+        bs = int(reader.attrs.get("batch_size") or settings.batch_size or default_batch_size(dev))
+        run = settings.with_(
+            device=str(dev),
+            batch_size=bs,
+            num_workers=workers,
+            channels_last=bool(reader.attrs.get("channels_last", settings.channels_last)),
+        )
         idx = np.asarray(rows, dtype=np.int64)
         new_feats: dict[int, np.ndarray] = {}
         new_errors: dict[int, str] = {}
@@ -724,11 +717,8 @@ def _retry_failures(
             split.root,
             [split.paths[i] for i in idx],
             split.labels[idx],
-            device=dev,
-            batch_size=bs,
-            num_workers=workers,
+            settings=run,
             precision=precision,
-            channels_last=bool(reader.attrs.get("channels_last", channels_last)),
             progress=progress,
             desc=f"re-try {split.name}",
         ):

@@ -71,7 +71,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from featx import __version__, runtime
-from featx.backbones import DEFAULT_BACKBONE, Backbone, EmbedderSpec, build_backbone, check_image_size, load_torch_file
+from featx.backbones import POOLED, Backbone, EmbedderSpec, build_embedder, embedder_spec, load_torch_file
 from featx.data import ImageDataset, ImageFiles, RowSelection, Split, SplitPlan, load_dataset, refuse_inside_dataset
 from featx.errors import DataError, MismatchError, UsageError
 from featx.inference import FORWARD_MEMORY_FACTOR, TRAINING_MEMORY_FACTOR, check_forward_memory
@@ -833,9 +833,8 @@ class _Env:
                 self.bb,
                 s.root,
                 s.paths,
-                device=self.device,
-                num_workers=self.workers,
                 precision=config.precision,
+                settings=runtime.InferenceSettings.from_env(device=self.device, num_workers=self.workers),
                 progress=self.progress,
             )
             ok = np.array([not e for e in errors], dtype=bool)
@@ -1111,9 +1110,10 @@ def _check_grid(grid: Any) -> dict[str, list[float]]:
 
 def finetune(
     dataset: str | os.PathLike[str] | ImageDataset,
+    embedder: EmbedderSpec | None = None,
     *,
-    backbone: str = DEFAULT_BACKBONE,
-    weights: str = "imagenet",
+    backbone: str | None = None,
+    weights: str | None = None,
     image_size: int | None = None,
     config: FinetuneConfig = FinetuneConfig(),
     split_plan: SplitPlan = _DEFAULT_PLAN,
@@ -1124,8 +1124,9 @@ def finetune(
     final_fit: str | None = None,
     selection: str = "val",
 ) -> dict[str, Any]:
-    """Fine-tune ``backbone`` on ``dataset`` with ``config``'s lr and weight decay; returns the result record,
-    also written to ``out_dir/result.json``.
+    """Fine-tune ``embedder`` (an :class:`~featx.backbones.EmbedderSpec` of the pooled layer; ``backbone``,
+    ``weights``, ``image_size`` are a convenience that builds it) on ``dataset`` with ``config``'s lr and weight
+    decay; returns the result record, also written to ``out_dir/result.json``.
 
     ``selection="val"``: the epoch is chosen on val (early stopping); ``final_fit`` ``"train+val"`` (default)
     then retrains from the pretrained weights on train + val for exactly that many epochs, ``"train"`` keeps the
@@ -1143,9 +1144,7 @@ def finetune(
     """
     return _run(
         dataset,
-        backbone=backbone,
-        weights=weights,
-        image_size=image_size,
+        embedder=_finetune_embedder(embedder, backbone, weights, image_size, config),
         config=config,
         split_plan=split_plan,
         train_rows=train_rows,
@@ -1160,9 +1159,10 @@ def finetune(
 
 def finetune_search(
     dataset: str | os.PathLike[str] | ImageDataset,
+    embedder: EmbedderSpec | None = None,
     *,
-    backbone: str = DEFAULT_BACKBONE,
-    weights: str = "imagenet",
+    backbone: str | None = None,
+    weights: str | None = None,
     image_size: int | None = None,
     config: FinetuneConfig = FinetuneConfig(),
     split_plan: SplitPlan = _DEFAULT_PLAN,
@@ -1190,9 +1190,7 @@ def finetune_search(
         grid = default_search_grid(config.optimizer, runtime.resolve_device(config.device).type)
     return _run(
         dataset,
-        backbone=backbone,
-        weights=weights,
-        image_size=image_size,
+        embedder=_finetune_embedder(embedder, backbone, weights, image_size, config),
         config=config,
         split_plan=split_plan,
         train_rows=train_rows,
@@ -1205,12 +1203,24 @@ def finetune_search(
     )
 
 
+def _finetune_embedder(
+    embedder: EmbedderSpec | None, backbone: str | None, weights: str | None, image_size: int | None, config: Any
+) -> EmbedderSpec:
+    """The pretrained network to fine-tune: ``embedder``, or built from the loose keywords. It must be the pooled
+    layer; the compute precision is ``config.precision`` (the spec's, if not fp32, must say the same), and the
+    checkpoints record the network at fp32 as they always have."""
+    spec = embedder_spec(embedder, backbone=backbone, weights=weights, image_size=image_size)
+    if spec.layer != POOLED:
+        raise UsageError(f"finetune trains on pooled features; the embedder's layer is '{spec.layer}'")
+    if spec.precision not in ("fp32", getattr(config, "precision", "fp32")):
+        raise UsageError(f"the embedder's precision is {spec.precision} but config.precision is {config.precision}")
+    return spec.with_(precision="fp32")
+
+
 def _run(
     dataset: str | os.PathLike[str] | ImageDataset,
     *,
-    backbone: str,
-    weights: str,
-    image_size: int | None,
+    embedder: EmbedderSpec,
     config: FinetuneConfig,
     split_plan: SplitPlan,
     train_rows: Sequence[int] | np.ndarray | None,
@@ -1234,7 +1244,6 @@ def _run(
     final_fit = final_fit or ("train" if selection == "rule" else "train+val")
     device = runtime.resolve_device(config.device)
     runtime.check_precision(config.precision, device)
-    check_image_size(image_size)
     out = Path(out_dir).expanduser()
     if resume and grid is None and not (out / CHECKPOINT_NAME).is_file():
         raise UsageError(f"resume=True but there is no checkpoint at {out / CHECKPOINT_NAME}")
@@ -1246,7 +1255,7 @@ def _run(
     if selection == "rule":  # no val rows at all: not loaded, not hashed, not scored
         splits.pop("val")
         positions.pop("val")
-    bb = build_backbone(backbone, weights, image_size=image_size)
+    bb = build_embedder(embedder)
     factor = FORWARD_MEMORY_FACTOR if config.strategy == "head" else TRAINING_MEMORY_FACTOR  # head: frozen features
     check_forward_memory(config.batch_size, bb.preprocessing.input_size, device, "--batch-size", factor=factor)
     prefixes = _trainable_prefixes(config, bb.blocks)

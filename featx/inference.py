@@ -23,9 +23,9 @@ How the work is laid out (measured on a 2-core CPU, ``benchmarks/results/bench_e
   the default there); each checked against the plain forward on probe batches, falling back to ``fold`` and
   then to the plain model on any mismatch. ``compile`` (torch.compile) is opt-in.
 
-Options that extraction does not pass yet can be set with environment variables (read when the argument
-is left at its default): ``FEATX_OPTIMIZE``, ``FEATX_DECODE``, ``FEATX_JPEG_DRAFT`` (``featx extract``
-sets them from ``--optimize``, ``--decode`` and ``--jpeg-draft``), ``FEATX_STREAMS``, ``FEATX_MICRO_BATCH``.
+Every choice above arrives in one value, :class:`featx.runtime.InferenceSettings`, passed by the caller (the CLI
+builds it from its flags over the documented ``FEATX_*`` defaults, :meth:`~featx.runtime.InferenceSettings.from_env`);
+nothing here reads the environment.
 """
 
 from __future__ import annotations
@@ -48,11 +48,10 @@ from featx import runtime
 from featx.backbones import POOLED, Backbone, Preprocessing
 from featx.data import ImageFiles
 from featx.errors import UsageError
+from featx.runtime import OPTIMIZE_MODES, InferenceSettings
 
 log = logging.getLogger(__name__)
 
-OPTIMIZE_MODES = ("auto", "none", "fold", "freeze", "compile")
-DECODE_MODES = ("auto", "streams", "threads", "processes", "gpu")
 # Relative agreement an optimised model must reach against the plain eval forward on the probe batch
 # (max |a - b| / max |a|); folding BatchNorm changes the float32 rounding only (~1e-6 measured on Lite0).
 FOLD_TOLERANCE = 1e-4
@@ -132,31 +131,6 @@ def default_batch_size(device: Any) -> int:
     return 256 if device.type == "cuda" else 16
 
 
-def _env_choice(name: str, value: str, choices: Sequence[str]) -> str:
-    if value == "auto":
-        value = os.environ.get(name, "auto") or "auto"
-    if value not in choices:
-        raise UsageError(f"{name.removeprefix('FEATX_').lower()} must be one of {', '.join(choices)}, got '{value}'")
-    return value
-
-
-def _env_int(name: str, value: int | None) -> int | None:
-    if value is not None:
-        return value
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return None
-    if not raw.isdigit() or int(raw) < 1:
-        raise UsageError(f"{name} must be a positive integer, got '{raw}'")
-    return int(raw)
-
-
-def _env_flag(name: str, value: bool | None) -> bool:
-    if value is not None:
-        return value
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
 # --------------------------------------------------------------------------------------------------
 # Model preparation
 
@@ -234,7 +208,8 @@ _PREPARED: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], tuple[Any, str]]
 def resolve_optimize(optimize: str, device: Any, precision: str = "fp32") -> str:
     """``auto`` -> ``freeze`` on the CPU in fp32 (TorchScript trace + freeze of the folded model: the fastest CPU
     path measured, ``benchmarks/results/bench_extract.md``), else ``fold`` (autocast and CUDA keep eager modules)."""
-    optimize = _env_choice("FEATX_OPTIMIZE", optimize, OPTIMIZE_MODES)
+    if optimize not in OPTIMIZE_MODES:
+        raise UsageError(f"optimize must be one of {', '.join(OPTIMIZE_MODES)}, got '{optimize}'")
     if optimize == "auto":
         return "freeze" if device.type == "cpu" and precision == "fp32" else "fold"
     return optimize
@@ -257,8 +232,8 @@ def prepare_model(
     """
     import torch
 
-    requested = _env_choice("FEATX_OPTIMIZE", optimize, OPTIMIZE_MODES)
-    optimize = resolve_optimize(requested, device, precision)
+    requested = optimize
+    optimize = resolve_optimize(optimize, device, precision)
     key = (str(device), channels_last, optimize, precision, input_size)
     cached = _PREPARED.get(model, {}).get(key)
     if cached is not None:
@@ -492,34 +467,44 @@ def default_micro_batch(device: Any) -> int:
 
 
 def resolve_decode(decode: str, device: Any, num_workers: int) -> str:
-    """``auto`` (or ``FEATX_DECODE``) made concrete: processes with workers, else streams on the CPU, threads on CUDA."""
-    decode = _env_choice("FEATX_DECODE", decode, DECODE_MODES)
+    """``auto`` made concrete: processes with workers, else streams on the CPU, threads on CUDA."""
     if decode == "auto":
         decode = "processes" if num_workers > 0 else ("threads" if device.type == "cuda" else "streams")
     return decode
 
 
 def stream_layout(device: Any, batch_size: int, streams: int | None, micro_batch: int | None) -> tuple[int, int]:
-    """(streams, images per forward in a stream) for ``decode="streams"``: the arguments, else ``FEATX_STREAMS`` /
-    ``FEATX_MICRO_BATCH``, else :func:`default_streams` / :func:`default_micro_batch`."""
-    n_streams = _env_int("FEATX_STREAMS", streams) or default_streams()
-    micro = _env_int("FEATX_MICRO_BATCH", micro_batch) or default_micro_batch(device) or batch_size
+    """(streams, images per forward in a stream) for ``decode="streams"``: the settings' ``streams`` /
+    ``micro_batch``, else :func:`default_streams` / :func:`default_micro_batch`."""
+    n_streams = streams or default_streams()
+    micro = micro_batch or default_micro_batch(device) or batch_size
     return n_streams, micro
 
 
-def images_in_flight(
-    device: Any,
-    batch_size: int,
-    num_workers: int,
-    decode: str = "auto",
-    streams: int | None = None,
-    micro_batch: int | None = None,
-) -> tuple[int, str]:
+def resolve_settings(settings: InferenceSettings, device: Any) -> InferenceSettings:
+    """``settings`` with the device, batch size and worker count made concrete (:func:`default_batch_size`,
+    :func:`featx.runtime.default_num_workers` for ``device``, a resolved ``torch.device``)."""
+    return settings.with_(
+        device=str(device),
+        batch_size=settings.batch_size or default_batch_size(device),
+        num_workers=runtime.default_num_workers(device) if settings.num_workers is None else settings.num_workers,
+    )
+
+
+def images_in_flight(device: Any, settings: InferenceSettings) -> tuple[int, str]:
     """How many images :func:`iter_features` runs through the model at once, and the setting that changes it."""
-    if resolve_decode(decode, device, num_workers) == "streams":
-        n_streams, micro = stream_layout(device, batch_size, streams, micro_batch)
+    s = resolve_settings(settings, device)
+    assert s.batch_size is not None and s.num_workers is not None  # resolved
+    if resolve_decode(s.decode, device, s.num_workers) == "streams":
+        n_streams, micro = stream_layout(device, s.batch_size, s.streams, s.micro_batch)
         return n_streams * micro, "the streams x micro-batch (FEATX_STREAMS, FEATX_MICRO_BATCH)"
-    return batch_size, "--batch-size"
+    return s.batch_size, "--batch-size"
+
+
+_DEFAULT_SETTINGS = InferenceSettings()  # featx's own choices (no environment: callers pass from_env() if they want it)
+
+#: Lets the nvJPEG branch run with a CPU device (the tests exercise its code without a GPU).
+_GPU_DECODE_ON_CPU = False
 
 
 def iter_features(
@@ -529,23 +514,17 @@ def iter_features(
     paths: Sequence[str],
     labels: Sequence[int] | np.ndarray | None = None,
     *,
-    device: Any,
-    batch_size: int,
-    num_workers: int,
+    settings: InferenceSettings = _DEFAULT_SETTINGS,
     precision: str = "fp32",
-    channels_last: bool = True,
     progress: bool = True,
     desc: str = "extract",
-    optimize: str = "auto",
-    decode: str = "auto",
-    jpeg_draft: bool | None = None,
     profile: StageTimes | None = None,
-    streams: int | None = None,
-    micro_batch: int | None = None,
 ) -> Iterator[Batch]:
     """Yield features for ``paths`` batch by batch, in order. ``model`` maps images to (N, D).
 
-    ``decode`` (how decoding and the forward share the machine):
+    ``settings`` (:class:`~featx.runtime.InferenceSettings`) say where and how: device, batch size (default
+    :func:`default_batch_size`), worker processes, memory format, model preparation (``optimize``: see
+    :func:`prepare_model`) and ``decode``, how decoding and the forward share the machine:
 
     - ``streams`` (the CPU default): ``streams`` worker threads (default: one per core), each decoding
       ``micro_batch`` images (default :func:`default_micro_batch`) and running their forward on one core (torch
@@ -558,24 +537,26 @@ def iter_features(
     - ``gpu``: nvJPEG on the CUDA device (opt-in: its resize differs slightly from PIL's).
     - ``auto``: processes when ``num_workers > 0``, else streams on the CPU and threads on CUDA.
 
-    ``FEATX_STREAMS`` and ``FEATX_MICRO_BATCH`` set ``streams`` and ``micro_batch`` when they are left at None.
     ``jpeg_draft``: let JPEGs decode at a reduced DCT scale when they are at least twice the resize size
     (faster on large photos; changes the numbers slightly, so off unless asked for).
-    ``optimize``: see :func:`prepare_model`.
     """
     import torch
 
     t_start = time.perf_counter()
-    decode = resolve_decode(decode, device, num_workers)
+    device = runtime.resolve_device(settings.device)
+    settings = resolve_settings(settings, device)
+    batch_size, num_workers, channels_last = settings.batch_size, settings.num_workers, settings.channels_last
+    assert batch_size is not None and num_workers is not None  # resolved
+    decode = resolve_decode(settings.decode, device, num_workers)
     cuda = device.type == "cuda"
     if decode == "processes" and num_workers <= 0:
         raise UsageError("decode 'processes' needs --num-workers > 0")
-    if decode == "gpu" and not cuda and not os.environ.get("FEATX_GPU_DECODE_ON_CPU"):
+    if decode == "gpu" and not cuda and not _GPU_DECODE_ON_CPU:
         raise UsageError("--decode gpu needs a CUDA device")
     if decode == "streams" and cuda:
         raise UsageError("decode 'streams' is for the CPU (on CUDA use threads, processes or gpu)")
-    n_streams, micro = stream_layout(device, batch_size, streams, micro_batch)
-    draft = _env_flag("FEATX_JPEG_DRAFT", jpeg_draft)
+    n_streams, micro = stream_layout(device, batch_size, settings.streams, settings.micro_batch)
+    draft = settings.jpeg_draft
     size = preprocessing.input_size
     files = ImageFiles(
         root,
@@ -586,10 +567,10 @@ def iter_features(
         failed_shape=(size, size, 3),
     )
     collate = _Collate(size)
-    n_flight, knob = images_in_flight(device, batch_size, num_workers, decode, streams, micro_batch)
+    n_flight, knob = images_in_flight(device, settings)
     check_forward_memory(n_flight, size, device, knob)
     fn, applied = prepare_model(
-        model, device=device, input_size=size, channels_last=channels_last, optimize=optimize, precision=precision
+        model, device=device, input_size=size, channels_last=channels_last, optimize=settings.optimize, precision=precision
     )
     mean = torch.tensor(preprocessing.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
     std = torch.tensor(preprocessing.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
@@ -793,22 +774,29 @@ def compute_features(
     paths: Sequence[str],
     *,
     layer: str = POOLED,
-    device: str | Any = "auto",
+    precision: str = "fp32",
+    settings: InferenceSettings | None = None,
+    progress: bool = False,
+    device: str | Any | None = None,
     batch_size: int | None = None,
     num_workers: int | None = None,
-    precision: str = "fp32",
-    progress: bool = False,
-    optimize: str = "auto",
-    decode: str = "auto",
+    optimize: str | None = None,
+    decode: str | None = None,
 ) -> tuple[np.ndarray, list[str]]:
     """Features of images in memory (no cache): ``(features (N, D) float32, errors)``.
 
+    ``settings``: how the forward runs (default: :meth:`InferenceSettings.from_env`); ``device``, ``batch_size``,
+    ``num_workers``, ``optimize`` and ``decode`` are a convenience that builds them (or must agree with them).
     ``errors[i]`` is "" when image i decoded, else the reason (its feature row is zeros).
     """
-    dev = device if not isinstance(device, str) else runtime.resolve_device(device)
+    settings = runtime.inference_settings(
+        settings, device=device, batch_size=batch_size, num_workers=num_workers, optimize=optimize, decode=decode
+    )
+    dev = runtime.resolve_device(settings.device)
     runtime.check_precision(precision, dev)
-    workers = runtime.default_num_workers(dev) if num_workers is None else num_workers
-    runtime.configure_threads(workers, dev)
+    settings = resolve_settings(settings, dev)
+    assert settings.num_workers is not None  # resolved
+    runtime.configure_threads(settings.num_workers, dev)
     out: np.ndarray | None = None
     errors: list[str] = [""] * len(paths)
     for b in iter_features(
@@ -816,14 +804,10 @@ def compute_features(
         backbone.preprocessing,
         root,
         paths,
-        device=dev,
-        batch_size=batch_size or default_batch_size(dev),
-        num_workers=workers,
+        settings=settings,
         precision=precision,
         progress=progress,
         desc="features",
-        optimize=optimize,
-        decode=decode,
     ):
         if out is None:
             out = np.zeros((len(paths), b.features.shape[1]), dtype=np.float32)

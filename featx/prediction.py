@@ -20,6 +20,7 @@ from featx.cache import FeatureSet, load_cache
 from featx.data import list_images
 from featx.errors import DataError, MismatchError
 from featx.heads import FittedHead, load_head
+from featx.runtime import InferenceSettings, inference_settings
 
 log = logging.getLogger(__name__)
 
@@ -93,15 +94,18 @@ def predict(
     inputs: Sequence[str | os.PathLike[str]] = (),
     *,
     cache: str | os.PathLike[str] | None = None,
-    device: str = "auto",
-    batch_size: int | None = None,
-    num_workers: int | None = None,
+    settings: InferenceSettings | None = None,
     weights: str | os.PathLike[str] | None = None,
     progress: bool = False,
+    device: str | None = None,
+    batch_size: int | None = None,
+    num_workers: int | None = None,
 ) -> Predictions:
     """Label images (files, folders, CSV with a ``path`` column) or the rows of a cache file.
 
-    ``weights`` points at the head's weights file when it has moved (checked against the recorded sha256)."""
+    The images go through the head's own embedder; ``settings`` say how the forward runs (default:
+    :meth:`InferenceSettings.from_env`; ``device``, ``batch_size``, ``num_workers`` are a convenience that builds
+    them). ``weights`` points at the head's weights file when it has moved (checked against the recorded sha256)."""
     from featx.inference import compute_features
 
     h = head if isinstance(head, FittedHead) else load_head(head)
@@ -111,6 +115,7 @@ def predict(
         check_cache_matches_head(h, fs)
         feats, paths = fs.features, fs.paths
     else:
+        settings = inference_settings(settings, device=device, batch_size=batch_size, num_workers=num_workers)
         root, rel, _ignored = list_images(inputs)
         bb = backbone_for_head(h, weights_path=weights)
         emb = h.embedder
@@ -119,10 +124,8 @@ def predict(
             root,
             rel,
             layer=emb.layer,
-            device=device,
-            batch_size=batch_size,
-            num_workers=num_workers,
             precision=emb.precision,
+            settings=settings,
             progress=progress,
         )
         ok = np.array([not e for e in errors])

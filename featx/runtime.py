@@ -1,18 +1,132 @@
-"""Device, precision, threads and resource measurement shared by extraction and fine-tuning."""
+"""How featx runs: the inference settings, device, precision, threads and resource measurement shared by
+extraction, prediction and fine-tuning (a torch-free leaf: torch is imported inside the functions that need it)."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import resource
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from featx.errors import UsageError
 
 PRECISIONS = ("fp32", "fp16", "bf16")
+OPTIMIZE_MODES = ("auto", "none", "fold", "freeze", "compile")
+DECODE_MODES = ("auto", "streams", "threads", "processes", "gpu")
+
+#: The environment variables that give an inference setting its default. They are read in one place,
+#: :meth:`InferenceSettings.from_env`, and featx never writes them.
+SETTINGS_ENV = {
+    "optimize": "FEATX_OPTIMIZE",
+    "decode": "FEATX_DECODE",
+    "jpeg_draft": "FEATX_JPEG_DRAFT",
+    "streams": "FEATX_STREAMS",
+    "micro_batch": "FEATX_MICRO_BATCH",
+}
+
+
+def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UsageError(f"{what} must be one of {', '.join(choices)}, got '{value}'")
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How the frozen forward runs: one value passed from the CLI or the API down to :mod:`featx.inference`.
+
+    None or ``auto`` leaves a setting to featx: the device to CUDA when present, the batch size and worker
+    count to :func:`featx.inference.default_batch_size` and :func:`default_num_workers`, ``optimize`` and
+    ``decode`` to :func:`featx.inference.resolve_optimize` / :func:`featx.inference.resolve_decode`, streams and
+    micro-batch to one stream per core at :func:`featx.inference.default_micro_batch`.
+
+    - ``device``: ``auto``, ``cpu`` or ``cuda[:N]`` (a ``torch.device`` is accepted and kept as its text).
+    - ``optimize``: model preparation (``none``, ``fold``, ``freeze``, ``compile``), see
+      :func:`featx.inference.prepare_model`.
+    - ``decode``: ``streams``, ``threads``, ``processes`` or ``gpu``, see :func:`featx.inference.iter_features`.
+    - ``jpeg_draft``: let large JPEGs decode at a reduced DCT scale (faster; changes the numbers slightly).
+    - ``streams`` / ``micro_batch``: CPU streams and images per forward inside a stream (``decode="streams"``).
+
+    The settings never change which features a cache holds by key (that is the
+    :class:`~featx.backbones.EmbedderSpec`, which also carries the precision); those that can change the float32
+    rounding are recorded in an extraction's journal (:meth:`to_dict`). The environment gives defaults only
+    through :meth:`from_env`.
+    """
+
+    device: str = "auto"
+    batch_size: int | None = None
+    num_workers: int | None = None
+    channels_last: bool = True
+    optimize: str = "auto"
+    decode: str = "auto"
+    jpeg_draft: bool = False
+    streams: int | None = None
+    micro_batch: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "device", str(self.device))  # torch.device("cuda", 0) -> "cuda:0"
+        _check_choice("optimize", self.optimize, OPTIMIZE_MODES)
+        _check_choice("decode", self.decode, DECODE_MODES)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **given: Any) -> InferenceSettings:
+        """``given`` settings (None: not given) over the documented environment defaults: ``FEATX_OPTIMIZE``,
+        ``FEATX_DECODE``, ``FEATX_JPEG_DRAFT`` (1/true/yes/on), ``FEATX_STREAMS``, ``FEATX_MICRO_BATCH`` (positive
+        integers), over the field defaults. The one place featx reads these variables (``environ``: os.environ)."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name in ("optimize", "decode"):
+            raw = env.get(SETTINGS_ENV[name], "")
+            if raw:
+                values[name] = raw
+        if env.get(SETTINGS_ENV["jpeg_draft"], "").strip().lower() in ("1", "true", "yes", "on"):
+            values["jpeg_draft"] = True
+        for name in ("streams", "micro_batch"):
+            raw = env.get(SETTINGS_ENV[name], "").strip()
+            if raw:
+                if not raw.isdigit() or int(raw) < 1:
+                    raise UsageError(f"{SETTINGS_ENV[name]} must be a positive integer, got '{raw}'")
+                values[name] = int(raw)
+        unknown = sorted(set(given) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise UsageError(f"unknown inference setting(s): {', '.join(unknown)}")
+        values.update({k: v for k, v in given.items() if v is not None})
+        return cls(**values)
+
+    def with_(self, **changes: Any) -> InferenceSettings:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, str]:
+        """What an extraction journal records (and a resume compares): the settings that can change the float32
+        rounding without being in the cache key, as text, "" where featx chooses. The device type, the batch
+        size used and the memory format are recorded beside them, resolved; worker counts never change the
+        numbers. The same fields and text as the journals of featx before settings were a value."""
+        return {
+            "optimize": "" if self.optimize == "auto" else self.optimize,
+            "decode": "" if self.decode == "auto" else self.decode,
+            "jpeg_draft": "1" if self.jpeg_draft else "",
+            "streams": "" if self.streams is None else str(self.streams),
+            "micro_batch": "" if self.micro_batch is None else str(self.micro_batch),
+        }
+
+
+def inference_settings(settings: InferenceSettings | None = None, **given: Any) -> InferenceSettings:
+    """The settings a public function runs with: ``settings`` when passed, else :meth:`InferenceSettings.from_env`.
+    ``given`` are the function's loose keywords (``device=``, ``batch_size=`` ...; None: not given): they build the
+    settings, or must agree with ``settings`` (a :class:`UsageError` says which differ)."""
+    if settings is None:
+        return InferenceSettings.from_env(**given)
+    if not isinstance(settings, InferenceSettings):
+        raise UsageError(f"settings must be an InferenceSettings, got {type(settings).__name__}")
+    given = {k: str(v) if k == "device" and v is not None else v for k, v in given.items()}
+    clash = [f"{k}={v!r} (settings: {getattr(settings, k)!r})" for k, v in given.items() if v not in (None, getattr(settings, k))]
+    if clash:
+        raise UsageError(f"give these either in settings= or as keywords, not both with other values: {', '.join(clash)}")
+    return settings
 
 
 def resolve_device(device: str = "auto") -> Any:

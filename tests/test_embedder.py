@@ -197,3 +197,27 @@ def test_a_head_from_featx_0_1_0_predicts_images_end_to_end(sample_dataset: Path
     order = {p: i for i, p in enumerate(preds.paths)}
     rows = [order[str(sample_dataset / p)] for p in data["paths"]]
     np.testing.assert_allclose(preds.probabilities[rows], data["proba_logreg"], atol=1e-4)
+
+
+def test_public_functions_take_one_embedder_spec(tiny_dataset: Path, tmp_path: Path) -> None:
+    """extract, find_caches, the sklearn transformer and finetune take an EmbedderSpec; the loose keywords are a
+    convenience that builds the same spec, and a keyword that contradicts a given spec is a one-line UsageError."""
+    from featx.backbones import embedder_spec
+    from featx.errors import UsageError
+    from featx.estimators import ImageFeatureExtractor
+
+    spec = resolve_embedder("efficientnet_lite0", image_size=64)
+    assert embedder_spec(backbone="efficientnet_lite0", image_size=64) == spec
+    assert embedder_spec(spec, backbone="efficientnet_lite0", weights="imagenet", image_size=64) is spec
+    cache = tmp_path / "c"
+    results = extract(tiny_dataset, spec, cache_dir=cache, progress=False, batch_size=8, num_workers=0)
+    assert find_caches(tiny_dataset, spec, cache_dir=cache) == find_caches(tiny_dataset, image_size=64, cache_dir=cache)
+    assert find_caches(tiny_dataset, spec, cache_dir=cache) == {r.split: r.path for r in results}
+    with pytest.raises(UsageError, match=r"image_size=96 \(embedder: 64\)"):
+        extract(tiny_dataset, spec, image_size=96, cache_dir=cache, progress=False)
+    with pytest.raises(UsageError, match="pooled"):
+        finetune(tiny_dataset, spec.with_(layer="blocks.3"), out_dir=tmp_path / "ft", config=FinetuneConfig(device="cpu"))
+    tf = ImageFeatureExtractor(embedder=spec, device="cpu").fit([])
+    assert tf.get_params()["embedder"] is spec and tf.embedder_ is spec and tf.n_features_out_ == 1280
+    with pytest.raises(UsageError, match="backbone='resnet18'"):
+        ImageFeatureExtractor("resnet18", embedder=spec).fit([])

@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from featx import inference
 from featx.backbones import Preprocessing, build_backbone
 from featx.data import SAMPLE_DATASET, load_dataset
 from featx.errors import UsageError
@@ -26,6 +27,7 @@ from featx.inference import (
     prepare_model,
     uint8_transform,
 )
+from featx.runtime import InferenceSettings
 
 SIZE = 96  # a reduced resolution keeps the suite fast; every path is resolution-independent
 
@@ -41,10 +43,12 @@ def sample_images() -> tuple[Path, list[str]]:
     return split.root, list(split.paths[:20])
 
 
-def _features(bb, root: Path, paths: list[str], **kw) -> tuple[np.ndarray, list[str]]:
-    args = {"device": torch.device("cpu"), "batch_size": 8, "num_workers": 0, "progress": False, **kw}
+def _features(bb, root: Path, paths: list[str], settings: InferenceSettings | None = None, **kw) -> tuple[np.ndarray, list[str]]:
+    """``kw``: InferenceSettings fields (over device cpu, batch 8, no workers) and iter_features' own arguments."""
+    fields = {k: kw.pop(k) for k in list(kw) if k in InferenceSettings.__dataclass_fields__}
+    settings = settings or InferenceSettings(**{"device": "cpu", "batch_size": 8, "num_workers": 0, **fields})
     feats, errors = [], []
-    for b in iter_features(bb.model, bb.preprocessing, root, paths, **args):
+    for b in iter_features(bb.model, bb.preprocessing, root, paths, settings=settings, progress=False, **kw):
         assert b.features.dtype == np.float32
         feats.append(b.features)
         errors += b.errors
@@ -177,7 +181,7 @@ def test_gpu_decode_path_on_the_cpu(lite0, sample_images, tmp_path: Path, monkey
     Image.open(root / paths[0]).convert("RGB").save(tmp_path / "as.png")
     (tmp_path / "broken.jpg").write_bytes((root / paths[1]).read_bytes()[:200])
     files = [*paths[:6], "as.png", "broken.jpg"]
-    monkeypatch.setenv("FEATX_GPU_DECODE_ON_CPU", "1")
+    monkeypatch.setattr(inference, "_GPU_DECODE_ON_CPU", True)
     ref, ref_err = _features(lite0, tmp_path, files, decode="threads")
     got, err = _features(lite0, tmp_path, files, decode="gpu")
     assert err[:7] == ref_err[:7] == [""] * 7 and err[7] and ref_err[7]
@@ -202,12 +206,39 @@ def test_jpeg_draft_decodes_large_photos_close_to_full_decode(lite0, tmp_path: P
 
 
 def test_env_switches_and_defaults(lite0, sample_images, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The documented FEATX_* variables are defaults that InferenceSettings.from_env reads (the one place)."""
     root, paths = sample_images
+    cpu = {"device": "cpu", "batch_size": 8, "num_workers": 0}
     monkeypatch.setenv("FEATX_OPTIMIZE", "none")
     prof = StageTimes()
-    _features(lite0, root, paths[:4], profile=prof)
+    _features(lite0, root, paths[:4], settings=InferenceSettings.from_env(**cpu), profile=prof)
     assert prof.plan["optimize"] == "none"
     monkeypatch.setenv("FEATX_OPTIMIZE", "bogus")
     with pytest.raises(UsageError, match="optimize"):
-        _features(lite0, root, paths[:4])
+        _features(lite0, root, paths[:4], settings=InferenceSettings.from_env(**cpu))
     assert default_batch_size(torch.device("cpu")) == 16 and default_batch_size(torch.device("cuda")) == 256
+
+
+def test_inference_settings_are_a_value_and_the_environment_only_a_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings passed explicitly win over the environment; nothing below from_env reads it; bad values are the
+    same one-line UsageErrors as the flags'."""
+    from featx.runtime import inference_settings
+
+    monkeypatch.setenv("FEATX_DECODE", "threads")
+    monkeypatch.setenv("FEATX_STREAMS", "3")
+    monkeypatch.setenv("FEATX_JPEG_DRAFT", "yes")
+    env = InferenceSettings.from_env()
+    assert (env.decode, env.streams, env.micro_batch, env.jpeg_draft) == ("threads", 3, None, True)
+    assert InferenceSettings.from_env(decode="auto").decode == "auto"  # an explicit value beats the environment
+    assert InferenceSettings().decode == "auto" and not InferenceSettings().jpeg_draft  # no environment in the value
+    assert env.to_dict() == {"optimize": "", "decode": "threads", "jpeg_draft": "1", "streams": "3", "micro_batch": ""}
+    assert InferenceSettings(device=torch.device("cpu")).device == "cpu"
+    monkeypatch.setenv("FEATX_MICRO_BATCH", "0")
+    with pytest.raises(UsageError, match="FEATX_MICRO_BATCH must be a positive integer"):
+        InferenceSettings.from_env()
+    with pytest.raises(UsageError, match="decode must be one of"):
+        InferenceSettings(decode="fast")
+    given = InferenceSettings(device="cpu", batch_size=4)
+    assert inference_settings(given, device="cpu", batch_size=None) is given
+    with pytest.raises(UsageError, match="batch_size=8"):
+        inference_settings(given, batch_size=8)

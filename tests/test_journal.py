@@ -526,18 +526,18 @@ def test_resume_keeps_the_journals_batch_size_and_memory_format(
 
 
 def test_a_rerun_with_other_inference_settings_starts_over(
-    ref: Reference, interrupted: Interrupted, tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog, monkeypatch
+    ref: Reference, interrupted: Interrupted, tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog
 ) -> None:
     """``--optimize`` (like ``--decode``, ``--jpeg-draft``) is not in the cache key but changes the rounding: the
     journal's rows were made without it, so the rerun discards them (warning) instead of mixing."""
     cache = tmp_path / "cache"
     partial_from(interrupted.snapshot, ref, cache)
-    monkeypatch.setenv("FEATX_OPTIMIZE", "auto")  # registered, so that the --optimize below is undone after the test
     caplog.set_level("WARNING", logger="featx")
     code, out, _ = cli(["extract", str(ref.data), *OPTS, "--cache-dir", str(cache), "--optimize", "none"], capsys)
     assert code == 0 and "resumed" not in out and f"train: {ref.n_rows} images, 2 skipped" in out, out
     assert "other settings (optimize)" in caplog.text, caplog.text
     assert sorted(os.listdir(cache)) == [".locks", ref.cache_name]
+    assert "FEATX_OPTIMIZE" not in os.environ  # the CLI passes its flags as a value, never through the environment
 
 
 def test_a_kill_during_assembly_resumes_without_the_model(ref: Reference, interrupted: Interrupted, tmp_path: Path) -> None:
