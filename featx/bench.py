@@ -63,15 +63,10 @@ import numpy as np
 
 from featx import __version__
 from featx.backbones import DEFAULT_BACKBONE, POOLED
-from featx.data import SAMPLE_DATASET, RowSelection, SplitPlan, load_dataset
+from featx.data import FINAL_FITS, SAMPLE_DATASET, RowSelection, SplitPlan, load_dataset
 from featx.errors import UsageError
 
 log = logging.getLogger(__name__)
-
-FINAL_FITS = ("train+val", "train")
-# lr x weight decay searched on val per fine-tuning strategy when the config names no grid. Sized for a GPU
-# (the CPU bench shrinks it and says so); lr is the head LR, the backbone gets its configured fraction.
-DEFAULT_FINETUNE_GRID: dict[str, list[float]] = {"lr": [1e-4, 3e-4, 1e-3, 3e-3], "weight_decay": [0.0, 0.05]}
 
 
 @dataclass
@@ -154,7 +149,7 @@ class BenchConfig:
             from featx import finetuning
 
             optimizer = self.finetune.get("optimizer", finetuning.FinetuneConfig.optimizer)
-            grid = getattr(finetuning, "SEARCH_GRIDS", {}).get("gpu", {}).get(optimizer, DEFAULT_FINETUNE_GRID)
+            grid = finetuning.default_search_grid(optimizer)  # the GPU grid; the CPU bench's config names its own
         if grid and set(grid) <= set(STRATEGIES):
             grid = grid.get(strategy) or {}
         return {k: list(v) for k, v in grid.items()}
@@ -754,26 +749,6 @@ def _cache_seconds(path: Path) -> float:
     return float(read_cache_attrs(path).get("extraction_seconds", 0.0))
 
 
-def _at_grid_edge(best: dict[str, Any], curve: list[dict[str, Any]]) -> bool:
-    """Whether a chosen value sits at the smallest or largest value the sweep tried (for some parameter)."""
-    for key, value in best.items():
-        values = sorted({c["params"][key] for c in curve if key in c.get("params", {})})
-        if len(values) > 1 and value in (values[0], values[-1]):
-            return True
-    return False
-
-
-def _head_params(estimator: Any) -> int | None:
-    last = estimator[-1] if hasattr(estimator, "__getitem__") else estimator
-    if hasattr(last, "coef_"):
-        return int(last.coef_.size + np.size(getattr(last, "intercept_", 0)))
-    if hasattr(last, "dual_coef_"):
-        return int(last.dual_coef_.size + last.support_vectors_.size)
-    if hasattr(last, "_fit_X"):
-        return int(last._fit_X.size)  # k-NN stores the training set
-    return None
-
-
 def cell_features(ctx: dict[str, Any]) -> dict[str, Any]:
     """Extraction + every head, on exactly the rows fine-tuning gets, with the costs counted like fine-tuning's.
 
@@ -786,7 +761,7 @@ def cell_features(ctx: dict[str, Any]) -> dict[str, Any]:
     """
     build_seconds = _timed_build(ctx)  # before anything else imports torch
 
-    from featx.heads import fit_head
+    from featx.heads import fit_head, head_kind
 
     meter = ctx["_meter"]
     t0 = time.perf_counter()
@@ -811,7 +786,6 @@ def cell_features(ctx: dict[str, Any]) -> dict[str, Any]:
         m = head.test_metrics or {}
         host = meter.peak_mb
         md = head.metadata
-        edge = md.get("at_grid_edge")
         val_log_loss = _val_log_loss(kind, head, tr, va, md.get("final_fit", ctx["final_fit"]), ctx["seed"])
         rows.append(
             {
@@ -826,7 +800,7 @@ def cell_features(ctx: dict[str, Any]) -> dict[str, Any]:
                 "val_log_loss": val_log_loss,
                 "selection": md.get("selection", "val"),
                 "hyperparameters": head.best_params,
-                "at_grid_edge": bool(_at_grid_edge(head.best_params, head.sweep) if edge is None else edge),
+                "at_grid_edge": bool(md["at_grid_edge"]),
                 "sweep": [{**c["params"], "val_accuracy": c["val_accuracy"]} for c in head.sweep],
                 "final_fit": md.get("final_fit", ctx["final_fit"]),
                 "n_fit": md.get("n_fit"),
@@ -840,7 +814,7 @@ def cell_features(ctx: dict[str, Any]) -> dict[str, Any]:
                 "peak_memory_mb": device_peak if device_peak is not None else host,
                 "memory_kind": "cuda" if device_peak is not None else "rss",
                 "host_rss_mb": host,
-                "trainable_params": _head_params(head.estimator),
+                "trainable_params": head_kind(kind).count_params(head.estimator),
                 "images_per_s": n_images / extract_all if extract_all else None,
                 "train_positions": [int(p) for p in tr.indices],
                 "val_positions": [int(p) for p in va.indices],

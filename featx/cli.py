@@ -251,7 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", dest="train_cache", help="train cache (file or key) instead of a dataset")
     p.add_argument("--val", dest="val_cache", help="val cache (optional)")
     p.add_argument("--test", dest="test_cache", help="test cache (optional)")
-    p.add_argument("--head", default="logreg", help="logreg, linear-svm, rbf-svm, knn, comma-separated, or all (default: logreg)")
+    from featx.heads import HEADS  # the registered kinds (torch-free)
+
+    p.add_argument("--head", default="logreg", help=f"{', '.join(HEADS)}, comma-separated, or all (default: logreg)")
     p.add_argument("--extract", action="store_true", help="extract missing caches first")
     _add_outside_root(p)
     _add_backbone_options(p)

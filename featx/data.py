@@ -788,6 +788,11 @@ class RowSelection:
         return cls(names.pop(), tuple(_recorded_position(v[1]) for v in pairs))
 
 
+# Which rows the final fit uses, once the choice is made: train + val (Kornblith et al. 2019), or train alone (the
+# model val chose). Heads, fine-tuning and the bench all take one of these.
+FINAL_FITS = ("train+val", "train")
+
+
 @dataclass(frozen=True)
 class SplitPlan:
     """How train/val/test rows are chosen; heads and fine-tuning use the same plan so results compare

@@ -72,8 +72,9 @@ import numpy as np
 
 from featx import __version__, runtime
 from featx.backbones import POOLED, Backbone, EmbedderSpec, build_embedder, embedder_spec, load_torch_file
-from featx.data import ImageDataset, ImageFiles, RowSelection, Split, SplitPlan, load_dataset, refuse_inside_dataset
+from featx.data import FINAL_FITS, ImageDataset, ImageFiles, RowSelection, Split, SplitPlan, load_dataset, refuse_inside_dataset
 from featx.errors import DataError, MismatchError, UsageError
+from featx.heads import fit_linear_probe, grid_edges, make_head, probe_weights
 from featx.inference import FORWARD_MEMORY_FACTOR, TRAINING_MEMORY_FACTOR, check_forward_memory
 from featx.metrics import classification_metrics
 
@@ -99,7 +100,6 @@ AUGMENT_REGISTRY: dict[str, dict[str, Any]] = {
 AUGMENTATIONS = tuple(AUGMENT_REGISTRY)
 NO_AUGMENT = "none"
 SELECTIONS = ("val", "rule")
-FINAL_FITS = ("train+val", "train")
 CHECKPOINT_NAME = "checkpoint.pt"  # the selection (or rule) stage
 FINAL_CHECKPOINT_NAME = "final_checkpoint.pt"  # the train+val refit
 RESULT_NAME = "result.json"
@@ -434,103 +434,17 @@ def format_epoch_line(
 # Linear probe (stage 1 of lp-ft)
 
 
-@dataclass
-class _LocalProbe:
-    """The shape of :class:`featx.heads.LinearProbe`, for :func:`_fit_linear_probe_local`."""
-
-    coef: np.ndarray
-    intercept: np.ndarray
-    C: float
-    val_accuracy: float | None
-    curve: list[dict[str, Any]]
-    at_grid_edge: bool
-    selection: str = "val"
-
-
 def fit_probe_fixed_c(X: np.ndarray, y: np.ndarray, C: float, *, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """fit-head's logistic regression (StandardScaler + LogisticRegression) at ``C``, as raw-space ``(coef, intercept)``.
-
-    The scaling is folded in: ``W((x - m) / s) + b = (W / s) x + (b - (W / s) m)``. Binary problems give one
-    margin ``z``; rows ``[-z/2, z/2]`` reproduce its probabilities under softmax. Classes absent from ``y`` get
-    zero weights and a bias 10 below the others (never predicted). Used for the train+val refit at the C chosen
-    on val, where no val score may be looked at.
+    """fit-head's logistic regression (StandardScaler + LogisticRegression) at ``C``, as raw-space ``(coef, intercept)``
+    (:func:`featx.heads.probe_weights`). Used for the train+val refit at the C chosen on val, where no val score may
+    be looked at.
     """
     from sklearn.exceptions import ConvergenceWarning
-
-    from featx.heads import make_head
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         pipe = make_head("logreg", C=float(C)).fit(X, y)
-    scaler, clf = pipe[0], pipe[-1]
-    scale = np.where(scaler.scale_ > 0, scaler.scale_, 1.0) if scaler.scale_ is not None else np.ones(X.shape[1])
-    mean = scaler.mean_ if scaler.mean_ is not None else np.zeros(X.shape[1])
-    w = clf.coef_ / scale
-    b = clf.intercept_ - w @ mean
-    if w.shape[0] == 1:
-        w, b = np.vstack([-w / 2, w / 2]), np.array([-b[0] / 2, b[0] / 2])
-    coef = np.zeros((n_classes, X.shape[1]), dtype=np.float32)
-    intercept = np.full(n_classes, b.min() - 10.0, dtype=np.float32)
-    coef[clf.classes_], intercept[clf.classes_] = w, b
-    return coef, intercept
-
-
-def _fit_linear_probe_local(
-    X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray | None, y_val: np.ndarray | None, *, n_classes: int
-) -> _LocalProbe:
-    """Fallback with :func:`featx.heads.fit_linear_probe`'s contract, used only while heads does not provide it."""
-    from sklearn.model_selection import StratifiedKFold
-
-    from featx.heads import param_grid
-
-    grid = [float(p["C"]) for p in param_grid("logreg", n_features=X_train.shape[1], n_train=len(y_train))]
-
-    def acc(coef: np.ndarray, b: np.ndarray, X: np.ndarray, y: np.ndarray) -> float:
-        return float(np.mean(np.argmax(X @ coef.T + b, axis=1) == y))
-
-    counts = np.bincount(y_train)
-    counts = counts[counts > 0]
-    if X_val is not None and y_val is not None:
-        selection = "val"
-        scores = [acc(*fit_probe_fixed_c(X_train, y_train, c, n_classes=n_classes), X_val, y_val) for c in grid]
-    elif counts.min() >= 2:
-        selection = "cv"
-        folds = StratifiedKFold(n_splits=min(5, int(counts.min())), shuffle=True, random_state=0)
-        scores = []
-        for c in grid:
-            fold_acc = [
-                acc(*fit_probe_fixed_c(X_train[tr], y_train[tr], c, n_classes=n_classes), X_train[te], y_train[te])
-                for tr, te in folds.split(X_train, y_train)
-            ]
-            scores.append(float(np.mean(fold_acc)))
-    else:
-        selection, scores = "rule", []
-    if scores:
-        best = max(range(len(grid)), key=lambda i: (scores[i], -i))  # ties: the stronger regularisation
-        c_best, at_edge = grid[best], best in (0, len(grid) - 1)
-    else:
-        c_best, at_edge = 1.0, False
-    coef, intercept = fit_probe_fixed_c(X_train, y_train, c_best, n_classes=n_classes)
-    return _LocalProbe(
-        coef,
-        intercept,
-        c_best,
-        scores[grid.index(c_best)] if scores else None,
-        [{"C": c, "val_accuracy": s} for c, s in zip(grid, scores)],
-        at_edge,
-        selection,
-    )
-
-
-def fit_linear_probe(
-    X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray | None, y_val: np.ndarray | None, *, n_classes: int
-) -> Any:
-    """:func:`featx.heads.fit_linear_probe` (standardised logistic regression, C on val / CV / rule, raw-space weights)."""
-    try:
-        from featx.heads import fit_linear_probe as heads_probe
-    except ImportError:  # heads without the helper yet
-        return _fit_linear_probe_local(X_train, y_train, X_val, y_val, n_classes=n_classes)
-    return heads_probe(X_train, y_train, X_val, y_val, n_classes=n_classes)
+    return probe_weights(pipe, n_classes)
 
 
 def init_head_from_probe(linear: nn.Linear, coef: np.ndarray, intercept: np.ndarray) -> None:
@@ -1282,7 +1196,7 @@ def _run(
                 "val_accuracy": None if p.val_accuracy is None else float(p.val_accuracy),
                 "curve": list(p.curve),
                 "at_grid_edge": bool(p.at_grid_edge),
-                "selection": getattr(p, "selection", selection),
+                "selection": p.selection,
                 "standardized": True,
                 "seconds": time.perf_counter() - t0,
             }
@@ -1478,7 +1392,7 @@ def _run(
             "val_accuracy": state.best_val_accuracy,
             "val_log_loss": state.best_val_log_loss,
         }
-        result["at_grid_edge"] = len(lrs) > 1 and cfg.lr in (lrs[0], lrs[-1])
+        result["at_grid_edge"] = bool(grid_edges({"lr": lrs}, {"lr": cfg.lr}))  # the lr axis (the report reads the whole grid)
         result["train_seconds"] = sum(r["seconds"] for r in grid_rows) + sum(
             h["seconds"] for h in (result["final_history"] or [])
         )

@@ -2029,7 +2029,8 @@ def _searched_params(r: Mapping[str, Any]) -> list[str]:
     values in the grid (derived ones such as the RBF SVM's gamma left out), in the chosen dict's order."""
     hp = r.get("hyperparameters") if isinstance(r.get("hyperparameters"), Mapping) else {}
     entries = _grid_entries(r)
-    keys = [k for k in hp if k != "epochs" and DERIVED_PARAMS.get(k) not in hp]
+    derived = _derived_params()
+    keys = [k for k in hp if k != "epochs" and derived.get(k) not in hp]
     return [k for k in keys if any(_is_num(e.get(k)) for e in entries)]
 
 
@@ -2349,9 +2350,15 @@ def _grid_values(r: Mapping[str, Any]) -> dict[str, list[float]]:
     return {k: sorted(v) for k, v in values.items()}
 
 
-# Hyper-parameters computed from another one that the grid searches (rbf-svm: gamma = gamma_scale / (n_features *
-# the features' variance)); an edge is reported for the searched one only.
-DERIVED_PARAMS = {"gamma": "gamma_scale"}
+def _derived_params() -> dict[str, str]:
+    """Hyper-parameters computed from another one that the grid searches (rbf-svm: gamma = gamma_scale / (n_features
+    * the features' variance)), from the head-kind registry. Imported here, not at the top: featx.heads is torch-free
+    but heavier than this module needs for anything else, and rows do not name their derived parameters."""
+    from featx.heads.kinds import derived_params
+
+    return derived_params()
+
+
 # Fields of a grid point that are results or bookkeeping, not searched hyper-parameters.
 _NOT_PARAMS = ("val_accuracy", "val_log_loss", "best_epoch", "epochs", "epochs_run", "seconds", "fine_tune_epochs")
 
@@ -2363,22 +2370,13 @@ def _grid_edges(r: Mapping[str, Any]) -> list[tuple[str, Any, str]] | None:
     Heads carry ``at_grid_edge`` (featx.heads knows their natural bounds, e.g. k = 1 for k-NN); for fine-tuning
     it is worked out from ``grid`` for every parameter searched over two values or more (with two, every choice
     is an edge: that is worth saying, as the grid then says nothing about what lies beyond it), except a smallest
-    value of 0 or less, which cannot be widened (no weight decay).
+    value of 0 or less, which cannot be widened (no weight decay): :func:`featx.heads.grid_edges`, the one
+    definition.
     """
+    from featx.heads.kinds import grid_edges
+
     hp = r.get("hyperparameters") if isinstance(r.get("hyperparameters"), Mapping) else {}
-    grid = _grid_values(r)
-    edges = []
-    for k, v in hp.items():
-        if DERIVED_PARAMS.get(k) in hp:  # e.g. rbf-svm's gamma follows from gamma_scale: one choice, named once
-            continue
-        vals = grid.get(k, [])
-        if not _is_num(v) or len(vals) < 2:
-            continue
-        if math.isclose(float(v), vals[0], rel_tol=1e-9, abs_tol=1e-15):
-            if float(v) > 0 or r.get("family") == FEATURES:
-                edges.append((k, v, "smallest"))
-        elif math.isclose(float(v), vals[-1], rel_tol=1e-9):
-            edges.append((k, v, "largest"))
+    edges = grid_edges(_grid_values(r), hp, derived=_derived_params())
     flag = r.get("at_grid_edge")
     if r.get("family") == FEATURES:
         if flag is None:

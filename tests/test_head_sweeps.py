@@ -184,13 +184,13 @@ def test_knn_search_equals_scikit_learns_brute_search(monkeypatch: pytest.Monkey
     across many query blocks and row sub-blocks, and for k at or above the number of rows."""
     from sklearn.neighbors import NearestNeighbors
 
-    import featx.heads as heads
+    import featx.heads.sweeps as sweeps
 
     A, B = pooled_like(700, seed=41)[0], pooled_like(150, seed=42)[0]
-    monkeypatch.setattr(heads, "KNN_BLOCK_BYTES", 4 * 700 * 16)
+    monkeypatch.setattr(sweeps, "KNN_BLOCK_BYTES", 4 * 700 * 16)
     for k, rows in ((20, 700), (30, 30), (40, 30)):
         ref_d, ref_i = NearestNeighbors(n_neighbors=min(k, rows), algorithm="brute").fit(A[:rows]).kneighbors(B)
-        d, i = heads._knn_search(A[:rows], B, k)
+        d, i = sweeps._knn_search(A[:rows], B, k)
         np.testing.assert_array_equal(i, ref_i)
         np.testing.assert_allclose(d, ref_d, rtol=1e-5, atol=1e-6)
 
