@@ -12,7 +12,7 @@ import logging
 import math
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,70 +35,33 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _number(text: str, kind: type, what: str) -> Any:
-    try:
-        value = kind(text)
-    except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"must be {what}, got '{text}'") from None
-    if isinstance(value, float) and not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be {what}, got '{text}'")
-    return value
+def _number_type(kind: type, what: str, ok: Callable[[Any], bool], doc: str) -> Callable[[str], Any]:
+    """An argparse ``type=``: ``kind(text)``, finite, and ``ok(value)``; else "must be <what>, got '<text>'"."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except (TypeError, ValueError):
+            value = None
+        if value is None or (isinstance(value, float) and not math.isfinite(value)) or not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got '{text}'")
+        return value
+
+    parse.__doc__ = doc
+    return parse
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1 (batch size, image size, epochs, shots...)."""
-    value = _number(text, int, "a positive integer")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got '{text}'")
-    return value
-
-
-def nonneg_int(text: str) -> int:
-    """An integer >= 0 (worker count, seed, patience)."""
-    value = _number(text, int, "an integer >= 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got '{text}'")
-    return value
-
-
-def n_jobs_int(text: str) -> int:
-    """A positive number of parallel jobs, or -1 for all cores (joblib's convention)."""
-    value = _number(text, int, "a positive integer or -1 (all cores)")
-    if value < 1 and value != -1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer or -1 (all cores), got '{text}'")
-    return value
-
-
-def fraction(text: str) -> float:
-    """A number strictly between 0 and 1 (a share of the images)."""
-    value = _number(text, float, "a number between 0 and 1 (exclusive)")
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be a number between 0 and 1 (exclusive), got '{text}'")
-    return value
-
-
-def unit_float(text: str) -> float:
-    """A number in [0, 1) (dropout, label smoothing, momentum)."""
-    value = _number(text, float, "a number >= 0 and < 1")
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0 and < 1, got '{text}'")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """A finite number > 0 (learning rate)."""
-    value = _number(text, float, "a number > 0")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got '{text}'")
-    return value
-
-
-def nonneg_float(text: str) -> float:
-    """A finite number >= 0 (weight decay, warm-up epochs, LR scale)."""
-    value = _number(text, float, "a number >= 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got '{text}'")
-    return value
+positive_int = _number_type(int, "a positive integer", lambda v: v >= 1, "An integer >= 1 (batch size, image size, epochs...).")
+nonneg_int = _number_type(int, "an integer >= 0", lambda v: v >= 0, "An integer >= 0 (worker count, seed, patience).")
+n_jobs_int = _number_type(
+    int, "a positive integer or -1 (all cores)", lambda v: v >= 1 or v == -1, "Parallel jobs, or -1 for all cores (joblib's)."
+)
+fraction = _number_type(
+    float, "a number between 0 and 1 (exclusive)", lambda v: 0.0 < v < 1.0, "A share of the images, strictly in (0, 1)."
+)
+unit_float = _number_type(float, "a number >= 0 and < 1", lambda v: 0.0 <= v < 1.0, "In [0, 1): dropout, label smoothing.")
+positive_float = _number_type(float, "a number > 0", lambda v: v > 0, "A finite number > 0 (learning rate).")
+nonneg_float = _number_type(float, "a number >= 0", lambda v: v >= 0, "A finite number >= 0 (weight decay, warm-up epochs).")
 
 
 def nonneg_float_list(text: str) -> list[float]:
