@@ -149,12 +149,13 @@ class ResultRow(Record):
 
 @dataclass
 class FewshotPoint(Record):
-    """One method on one few-shot draw: ``shots`` labelled images per class (or ``"all"``)."""
+    """One method on one few-shot draw: ``shots`` labelled images per class (or ``"all"``). ``method`` is a head
+    strategy or ``finetune:<strategy>``, so it names the family too (``family`` may be left out)."""
 
     method: str
-    family: str
     shots: int | str
     draw: int
+    family: str | None = None
     accuracy: float | None = None
     selection: str | None = None
     hyperparameters: dict[str, Any] | None = None

@@ -91,7 +91,7 @@ def test_layer_points_carry_test_predictions_and_the_report_pairs_the_layer_prob
         p["val_accuracy"] = 1.0 if i == 0 else 0.5
     layer = ds["layerwise"][0]["layer"]
     cmp = compare_chosen(ds)
-    assert not cmp["layer_unpaired"] and cmp["head"]["strategy"] == f"logreg on {layer}" and cmp["paired"] is not None
+    assert not cmp["layer_unpaired"] and cmp["head"].strategy == f"logreg on {layer}" and cmp["paired"] is not None
     assert cmp["paired"]["n"] == 12
     assert cmp["paired"]["acc_b"] == pytest.approx(ds["layerwise"][0]["accuracy"])  # b: the layer probe
     text = verdict(ds)

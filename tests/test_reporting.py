@@ -24,6 +24,7 @@ from scipy.stats import binomtest
 
 from featx.errors import MismatchError, UsageError
 from featx.metrics import classification_metrics, paired_comparison
+from featx.records import SCHEMA_VERSION
 from featx.reporting import (
     budget_sentences,
     compare_chosen,
@@ -206,6 +207,7 @@ def make_results() -> dict:
             "protocol": dict(PROTOCOL),
         },
         "datasets": {"flowers-mini": flowers, "pets-mini": pets},
+        "schema": SCHEMA_VERSION,  # results.json is written with the schema version: the round trip includes it
     }
 
 

@@ -175,7 +175,8 @@ def test_recorded_rows_read_back_in_both_forms() -> None:
 
 def test_report_pairs_bench_positions_with_finetuning_pairs() -> None:
     from featx.errors import MismatchError
-    from featx.reporting import _paired_inputs
+    from featx.records import DatasetResult, ResultRow
+    from featx.reporting.paired import _paired_inputs
 
     head = {"strategy": "logreg", "test_positions": [2, 0, 1], "test_predictions": [1, 0, 0], "test_labels": [1, 0, 1]}
     tune = {
@@ -184,9 +185,13 @@ def test_report_pairs_bench_positions_with_finetuning_pairs() -> None:
         "test_predictions": [0, 1, 1],
         "test_labels": [0, 1, 1],
     }
-    entry = {"position_sources": {"test": "train"}}
-    y, ft, hd = _paired_inputs(head, tune, entry)
+    entry = DatasetResult(position_sources={"test": "train"})
+
+    def paired(h: dict, t: dict) -> object:
+        return _paired_inputs(ResultRow(family="features", **h), ResultRow(family="finetune", **t), entry)
+
+    y, ft, hd = paired(head, tune)
     assert y.tolist() == [1, 0, 1] and ft.tolist() == [1, 0, 1] and hd.tolist() == [1, 0, 0]  # aligned on the head's order
     with pytest.raises(MismatchError, match="different test images"):  # the same numbers in another split are other images
-        _paired_inputs(head, {**tune, "test_positions": [["test", 0], ["test", 1], ["test", 2]]}, entry)
-    assert "not dataset positions" in _paired_inputs({**head, "test_positions": ["a", "b", "c"]}, tune, entry)
+        paired(head, {**tune, "test_positions": [["test", 0], ["test", 1], ["test", 2]]})
+    assert "not dataset positions" in paired({**head, "test_positions": ["a", "b", "c"]}, tune)

@@ -17,8 +17,6 @@ import pytest
 
 from featx.metrics import holm_adjust, paired_comparison, wilson_interval
 from featx.reporting import (
-    _all_tick,
-    _fewshot_regimes,
     backbone_updated,
     budget_flags,
     budget_sentences,
@@ -36,6 +34,7 @@ from featx.reporting import (
     verdict,
     verdict_word,
 )
+from featx.reporting.fewshot import _all_tick, _fewshot_regimes
 
 K = 2  # classes
 
@@ -154,7 +153,7 @@ def _probe_dataset() -> dict[str, Any]:
 def test_chosen_probe_is_named_a_probe_and_fine_tuning_added_nothing() -> None:
     ds = _probe_dataset()
     cmp = compare_chosen(ds)
-    assert cmp["finetune"]["strategy"] == "lp-ft" and cmp["probe_kept"]
+    assert cmp["finetune"].strategy == "lp-ft" and cmp["probe_kept"]
     assert verdict_word(cmp) == "probe_only"
     text = verdict(ds)
     assert "fine-tuning lp-ft (val 0.920, test 0.900 [" in text
@@ -213,7 +212,7 @@ def _tie_dataset(**loss: float) -> dict[str, Any]:
 def test_val_tie_without_log_loss_is_decided_by_grid_order_and_said() -> None:
     ds = _tie_dataset()
     d = family_choices(ds)["finetune"]
-    assert d["chosen"]["strategy"] == "full" and d["decided_by"] == "order" and d["close"] and d["margin_images"] == 0
+    assert d["chosen"].strategy == "full" and d["decided_by"] == "order" and d["close"] and d["margin_images"] == 0
     text = verdict(ds)
     assert (
         "The fine-tuning choice is a tie on val: full and lp-ft both scored 48/49 val images; no val log-loss was recorded "
@@ -240,7 +239,7 @@ def test_val_tie_is_broken_by_the_lower_val_log_loss() -> None:
 def test_choice_by_one_val_image_shows_what_the_runner_up_would_have_given() -> None:
     ds = _tie_dataset()
     d = family_choices(ds)["head"]
-    assert d["chosen"]["strategy"] == "knn" and d["margin_images"] == 1 and d["close"] and not d["tied"]
+    assert d["chosen"].strategy == "knn" and d["margin_images"] == 1 and d["close"] and not d["tied"]
     text = verdict(ds)
     assert (
         "The feature-head choice was decided by one val image: knn scored 49/49 val images against logreg's 48/49 val "
@@ -429,7 +428,7 @@ def _layer_dataset(with_predictions: bool) -> dict[str, Any]:
 def test_layer_probe_chosen_on_val_joins_the_features_family_unpaired() -> None:
     ds = _layer_dataset(with_predictions=False)
     cmp = compare_chosen(ds)
-    assert cmp["features"]["_layer"] == "blocks.4" and cmp["layer_unpaired"] and cmp["head"]["strategy"] == "logreg"
+    assert cmp["features"].layer == "blocks.4" and cmp["layer_unpaired"] and cmp["head"].strategy == "logreg"
     assert selections(ds)["head"] == "logreg" and selections(ds)["layer"] == "blocks.4"
     text = verdict(ds)
     assert "Chosen on val: among the features, a logistic-regression probe on blocks.4 (112-d, val 0.934, test 0.972 [" in text
@@ -444,7 +443,7 @@ def test_layer_probe_chosen_on_val_joins_the_features_family_unpaired() -> None:
 def test_layer_probe_with_predictions_is_paired_and_the_pooled_comparison_shown_beside_it() -> None:
     ds = _layer_dataset(with_predictions=True)
     cmp = compare_chosen(ds)
-    assert not cmp["layer_unpaired"] and cmp["head"]["strategy"] == "logreg on blocks.4"
+    assert not cmp["layer_unpaired"] and cmp["head"].strategy == "logreg on blocks.4"
     assert cmp["pooled_paired"] is not None
     text = verdict(ds)
     assert "The feature head (logreg on blocks.4) is better by" in text  # the probe leads: fine-tuning does not win
