@@ -12,6 +12,8 @@ import copy
 import json
 import logging
 import re
+import subprocess
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -31,8 +33,6 @@ from featx.errors import MismatchError, UsageError
 from featx.finetuning import (
     AUGMENTATIONS,
     FinetuneConfig,
-    _make_loader,
-    _TrainState,
     best_grid_index,
     finetune,
     finetune_search,
@@ -42,6 +42,8 @@ from featx.finetuning import (
     train_one_epoch,
     train_transform,
 )
+from featx.finetuning.env import make_loader
+from featx.finetuning.loop import TrainState
 
 BACKBONE = "timm:resnet10t"
 WEIGHTS = "none"
@@ -345,6 +347,23 @@ def test_default_recipe_is_adamw_and_sgd_keeps_its_own(colours: Path, tmp_path: 
     assert (cfg["optimizer"], cfg["lr"], cfg["weight_decay"]) == ("sgd", 0.01, 1e-4)
 
 
+def test_package_import_is_torch_free_and_every_public_name_resolves() -> None:
+    # the bench reads STRATEGIES and the augmentation registry while it checks a config: no torch for that
+    code = (
+        "import sys, featx.finetuning as f; print('torch' in sys.modules); "
+        "[getattr(f, n) for n in f.__all__]; print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "True"]
+    import featx.finetuning as ft
+    from featx.finetuning import checkpoints, loop, probe, run
+
+    assert ft.finetune is run.finetune and ft.train_one_epoch is loop.train_one_epoch
+    assert ft.RESUMABLE_FIELDS is checkpoints.RESUMABLE_FIELDS and ft.fit_probe_fixed_c is probe.fit_probe_fixed_c
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        ft.nope  # noqa: B018
+
+
 def test_config_validation_message() -> None:
     with pytest.raises(UsageError, match=r"^The 'lr' parameter of FinetuneConfig must be > 0\. Got -1 instead\.$"):
         FinetuneConfig(lr=-1).validate()
@@ -438,7 +457,7 @@ def test_final_fit_resumes_after_interrupt(colours: Path, tmp_path: Path) -> Non
 
 def test_ties_count_as_progress_and_reset_patience() -> None:
     model = nn.Linear(2, 2)
-    state = _TrainState()
+    state = TrainState()
     for epoch, acc in enumerate([0.5, 0.7, 0.6, 0.7, 0.6], start=1):
         with torch.no_grad():
             model.bias.fill_(epoch)  # each epoch's weights are recognisable
@@ -461,7 +480,7 @@ def test_lp_ft_epoch_zero_is_a_candidate(colours: Path, tmp_path: Path) -> None:
     ds = load_dataset(colours)
     bb = build_backbone(BACKBONE, WEIGHTS, image_size=SIZE)
     X = {n: compute_features(bb, ds.root, ds.split(n).paths, device="cpu", num_workers=0)[0] for n in ("train", "val", "test")}
-    from featx.finetuning import fit_linear_probe
+    from featx.heads import fit_linear_probe
 
     probe = fit_linear_probe(X["train"], ds.split("train").labels, X["val"], ds.split("val").labels, n_classes=3)
     assert probe.C == lp["C"]
@@ -617,7 +636,7 @@ def test_digits_searched_finetuning_beats_the_linear_probe(tmp_path: Path) -> No
     ds = load_dataset(root)
     bb = build_backbone("efficientnet_lite0", "imagenet", image_size=size)
     X = {n: compute_features(bb, ds.root, ds.split(n).paths, device="cpu", num_workers=0)[0] for n in ("train", "val", "test")}
-    from featx.finetuning import fit_linear_probe
+    from featx.heads import fit_linear_probe
 
     y = {n: ds.split(n).labels for n in X}
     probe = fit_linear_probe(X["train"], y["train"], X["val"], y["val"], n_classes=10)
@@ -632,7 +651,7 @@ def test_digits_searched_finetuning_beats_the_linear_probe(tmp_path: Path) -> No
 
 def test_epoch_choice_breaks_accuracy_ties_by_val_log_loss() -> None:
     model = nn.Linear(2, 2)
-    state = _TrainState()
+    state = TrainState()
     for epoch, (acc, loss) in enumerate([(0.5, 0.9), (0.7, 0.6), (0.7, 0.4), (0.7, 0.5), (0.7, 0.4)], start=1):
         with torch.no_grad():
             model.bias.fill_(epoch)
@@ -686,7 +705,7 @@ def _epoch_images(dataset: Path, augment: Any, torch_seed: int, epoch: int) -> d
     """One training epoch's images as the training loop draws them, by image index."""
     bb = build_backbone(BACKBONE, WEIGHTS, image_size=SIZE)
     cfg = FinetuneConfig(**{**FAST, "augment": augment})
-    loader = _make_loader(bb, load_dataset(dataset).split("train"), train=True, config=cfg, workers=0, device=torch.device("cpu"))
+    loader = make_loader(bb, load_dataset(dataset).split("train"), train=True, config=cfg, workers=0, device=torch.device("cpu"))
     torch.manual_seed(torch_seed)
     loader.generator.manual_seed(cfg.seed * 100_003 + epoch)
     return {int(i): x for images, _, index, _ in loader for i, x in zip(index, images)}

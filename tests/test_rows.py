@@ -14,7 +14,7 @@ from featx.bench import _ctx_rows, _ctx_selections
 from featx.cache import CacheReader, FeatureSet, base_attrs, write_cache_file
 from featx.data import ImageDataset, RowSelection, Split, SplitPlan
 from featx.errors import UsageError
-from featx.finetuning import _resolve_splits
+from featx.finetuning.run import _resolve_splits
 from featx.heads import split_features
 
 CLASSES = ("a", "b", "c")
