@@ -32,7 +32,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 FEATX = [sys.executable, "-m", "featx"]
 sys.path.insert(0, str(ROOT))
 
-from featx.bench import _descendants as descendants  # noqa: E402  (the bench's own /proc walk)
+from featx.bench.memory import descendants  # noqa: E402  (the bench's own /proc walk)
 from tests.conftest import make_imagefolder  # noqa: E402  (the suite's generated images: real PNG files)
 
 CASES: list[tuple[str, str, Callable[[Path], dict[str, Any]]]] = []

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from featx.bench import BenchConfig, FewShotConfig, _finetune_identity, load_bench_config, run_bench, unmatched_dataset_keys
+from featx.bench import BenchConfig, FewShotConfig, load_bench_config, run_bench, unmatched_dataset_keys
+from featx.bench.fingerprint import finetune_identity
 from featx.cli import main
 from featx.errors import UsageError
 from featx.finetuning import AUGMENTATIONS
@@ -110,10 +111,10 @@ def test_augment_setting_per_dataset_and_its_errors(tmp_path: Path, capsys: pyte
     assert BenchConfig(augment=["none"]).augment_for("anything") == ["none"]
 
     # part of the fine-tuning cells' fingerprint through their config; the default written out changes nothing
-    assert _finetune_identity({"finetune": {"augment": ["none"]}, "strategy": "full"})["augment"] == []
-    default = _finetune_identity({"finetune": {}, "strategy": "full"})
-    assert default == _finetune_identity({"finetune": {"augment": list(AUGMENTATIONS)}, "strategy": "full"})
-    assert default != _finetune_identity({"finetune": {"augment": ["random_resized_crop"]}, "strategy": "full"})
+    assert finetune_identity({"augment": ["none"]}, "full")["augment"] == []
+    default = finetune_identity({}, "full")
+    assert default == finetune_identity({"augment": list(AUGMENTATIONS)}, "full")
+    assert default != finetune_identity({"augment": ["random_resized_crop"]}, "full")
 
     (tmp_path / "grid.yaml").write_text(f"datasets: [{data}]\naugment: {{ds: [random_resized_crop, blur]}}\n")
     assert main(["-q", "bench", "--config", str(tmp_path / "grid.yaml"), "--out-dir", str(tmp_path / "out")]) == 2

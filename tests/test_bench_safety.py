@@ -78,7 +78,7 @@ def test_changed_settings_rerun_only_the_cells_they_affect(tmp_path: Path) -> No
         config = BenchConfig(**{**base, **changes})
         outcome = run_bench(config, out_dir=out, cache_dir=str(tmp_path / "cache"), progress=False, reuse_stale=reuse_stale)
         assert outcome["failed"] == 0
-        return outcome["results"]["meta"]
+        return outcome["results"].meta.to_dict()
 
     meta = bench()
     first = cell_mtimes(out)

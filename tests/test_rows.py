@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from featx.bench import _ctx_rows, _ctx_selections
+from featx.bench import CellRows
 from featx.cache import CacheReader, FeatureSet, base_attrs, write_cache_file
 from featx.data import ImageDataset, RowSelection, Split, SplitPlan
 from featx.errors import UsageError
@@ -79,9 +79,10 @@ DATASETS = {"carved": CARVED, "whole": WHOLE}
 def test_cap_and_plan_select_the_pinned_rows_for_bench_and_finetuning(key: tuple[str, int, int | None]) -> None:
     name, seed, cap = key
     ds, plan = DATASETS[name], SplitPlan(0.2, 0.25, seed)
-    rows = _ctx_rows(ds, plan, cap)
+    cell_rows = CellRows.of(ds, plan, cap)
+    rows = cell_rows.to_dict()
     assert rows == PINNED_CTX[key]
-    selected = _ctx_selections(rows)
+    selected = cell_rows.selections
     assert {n: (s.split, list(s.positions)) for n, s in selected.items()} == {
         n: (rows["sources"][n], rows["positions"][n]) for n in ("train", "val", "test")
     }
