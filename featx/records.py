@@ -28,8 +28,10 @@ R = TypeVar("R", bound="Record")
 
 
 class Record:
-    """from_dict/to_dict for a dataclass whose nested records are named in ``_lists`` / ``_maps`` (field -> class)."""
+    """from_dict/to_dict for a dataclass whose nested records are named in ``_records`` / ``_lists`` / ``_maps``
+    (field -> class)."""
 
+    _records: ClassVar[dict[str, type[Record]]] = {}  # one record
     _lists: ClassVar[dict[str, type[Record]]] = {}  # a list of records
     _maps: ClassVar[dict[str, type[Record]]] = {}  # a name -> record mapping
 
@@ -64,6 +66,9 @@ def _build(cls: type[R], data: Any, where: str) -> R:
     if missing:
         raise UsageError(f"{where}: missing field(s) {', '.join(missing)}")
     values = dict(data)
+    for name, sub in cls._records.items():
+        if name in values:
+            values[name] = sub.from_dict(values[name], where=f"{where}.{name}")
     for name, sub in cls._lists.items():
         if name in values:
             if not isinstance(values[name], list):

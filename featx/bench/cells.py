@@ -30,8 +30,16 @@ log = logging.getLogger(__name__)
 # What a cell returns (and its file holds): records, the cell's seconds, and the fingerprint the runner adds
 
 
+@dataclass(kw_only=True)
+class _Cell(Record):
+    """What every cell file holds beside its records: the cell's seconds and the fingerprint the runner adds."""
+
+    cell_seconds: float | None = None
+    fingerprint: dict[str, Any] | None = None
+
+
 @dataclass
-class FeaturesCell(Record):
+class FeaturesCell(_Cell):
     """Extraction + every head: one row per head, the extraction's costs, the rows' sizes and classes."""
 
     _lists: ClassVar[dict[str, type[Record]]] = {"rows": ResultRow}
@@ -41,57 +49,43 @@ class FeaturesCell(Record):
     n_train: int
     classes: list[str]
     splits: dict[str, int]
-    cell_seconds: float | None = None
-    fingerprint: dict[str, Any] | None = None
 
 
 @dataclass
-class FinetuneCell(Record):
+class FinetuneCell(_Cell):
     """One fine-tuning strategy's row."""
 
-    row: ResultRow
-    cell_seconds: float | None = None
-    fingerprint: dict[str, Any] | None = None
+    _records: ClassVar[dict[str, type[Record]]] = {"row": ResultRow}
 
-    @classmethod
-    def from_dict(cls, data: Any, *, where: str = "") -> FinetuneCell:  # type: ignore[override]
-        if isinstance(data, dict) and "row" in data:
-            data = {**data, "row": ResultRow.from_dict(data["row"], where=f"{where or cls.__name__}.row")}
-        return super().from_dict(data, where=where)
+    row: ResultRow
 
 
 @dataclass
-class FewshotHeadsCell(Record):
+class FewshotHeadsCell(_Cell):
     """Every head on every few-shot draw; shot counts the dataset cannot draw are listed in ``skipped``."""
 
     _lists: ClassVar[dict[str, type[Record]]] = {"points": FewshotPoint}
 
     points: list[FewshotPoint]
     skipped: list[str] = field(default_factory=list)
-    cell_seconds: float | None = None
-    fingerprint: dict[str, Any] | None = None
 
 
 @dataclass
-class FewshotFinetuneCell(Record):
+class FewshotFinetuneCell(_Cell):
     """One fine-tuning few-shot draw (one point)."""
 
     _lists: ClassVar[dict[str, type[Record]]] = {"points": FewshotPoint}
 
     points: list[FewshotPoint]
-    cell_seconds: float | None = None
-    fingerprint: dict[str, Any] | None = None
 
 
 @dataclass
-class LayerwiseCell(Record):
+class LayerwiseCell(_Cell):
     """The layer-wise probe: one point per tapped layer."""
 
     _lists: ClassVar[dict[str, type[Record]]] = {"points": LayerPoint}
 
     points: list[LayerPoint]
-    cell_seconds: float | None = None
-    fingerprint: dict[str, Any] | None = None
 
 
 CellRecord = FeaturesCell | FinetuneCell | FewshotHeadsCell | FewshotFinetuneCell | LayerwiseCell

@@ -291,28 +291,8 @@ def plot_layerwise(
     fig, ax = _new_figure(width, 4.8)
     depth = [float(p.depth) for p in pts]
     ax.plot(depth, [float(p.accuracy) for p in pts], "-o", color="tab:blue", label="probe test accuracy", linewidth=1.8)
-    f1 = [(float(p.depth), float(p.macro_f1)) for p in pts if _is_num(p.macro_f1)]
-    if f1:
-        ax.plot(
-            [d for d, _ in f1],
-            [v for _, v in f1],
-            "--s",
-            color="tab:green",
-            label="probe test macro-F1",
-            linewidth=1.4,
-            markersize=4,
-        )
-    val = [(float(p.depth), float(p.val_accuracy)) for p in pts if _is_num(p.val_accuracy)]
-    if val:
-        ax.plot(
-            [d for d, _ in val],
-            [v for _, v in val],
-            ":^",
-            color="tab:gray",
-            label="probe val accuracy",
-            linewidth=1.2,
-            markersize=4,
-        )
+    _plot_optional(ax, pts, "macro_f1", "--s", "tab:green", "probe test macro-F1", 1.4)
+    _plot_optional(ax, pts, "val_accuracy", ":^", "tab:gray", "probe val accuracy", 1.2)
     chosen = select_on_val(pts)
     if chosen is not None:  # a legend entry, not an annotation: nothing to collide with the curves
         ax.plot(
@@ -369,3 +349,10 @@ def _pad_log_x(ax: Any, xs: Sequence[float]) -> None:
     xs = [x for x in xs if x and x > 0]
     if xs:
         ax.set_xlim(min(xs) / 1.6, max(xs) * 2.2)
+
+
+def _plot_optional(ax: Any, pts: Sequence[Any], field: str, style: str, colour: str, label: str, width: float) -> None:
+    """A secondary series vs depth, drawn only through the layers that recorded ``field``."""
+    xy = [(float(p.depth), float(getattr(p, field))) for p in pts if _is_num(getattr(p, field))]
+    if xy:
+        ax.plot([d for d, _ in xy], [v for _, v in xy], style, color=colour, label=label, linewidth=width, markersize=4)
