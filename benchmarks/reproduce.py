@@ -101,6 +101,11 @@ def record_quick() -> dict[str, Any]:
     return {"command": " ".join(cmd[:3]), "datasets": datasets, "verdict_lines": verdicts}
 
 
+def _present(r: dict[str, Any]) -> dict[str, Any]:
+    """The fields a row has: records (schema 2) write every field, an absent one as null; schema 1 left it out."""
+    return {k: v for k, v in r.items() if v is not None}
+
+
 def _entry_key(r: dict[str, Any]) -> str:
     return json.dumps({k: r.get(k) for k in ("family", "strategy", "method", "layer", "shots", "draw")}, default=str)
 
@@ -126,7 +131,7 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> tuple[list[str], int]:
         for part in ("rows", "fewshot", "layerwise"):
             xa = a["quick"]["datasets"].get(name, {}).get(part, [])
             xb = b["quick"]["datasets"].get(name, {}).get(part, [])
-            ma, mb = {_entry_key(r): r for r in xa}, {_entry_key(r): r for r in xb}
+            ma, mb = {_entry_key(r): _present(r) for r in xa}, {_entry_key(r): _present(r) for r in xb}
             bad = [k for k in ma.keys() | mb.keys() if ma.get(k) != mb.get(k)]
             diffs += len(bad)
             same = "all" if not bad else f"**{len(bad)} differ**: {bad[:3]}"
