@@ -492,7 +492,8 @@ def part_features(args: argparse.Namespace, data: Path, images: list[Path]) -> d
                 res = extract(ds, settings=InferenceSettings(runtime=rt), cache_dir=Path(tmp) / rt, progress=False)
                 paths = {r.split: r.path for r in res}
                 feats[rt] = {k: load_cache(v) for k, v in paths.items()}
-                heads[rt] = fit_head(paths["train"], paths.get("val"), paths.get("test"))
+                fs = feats[rt]
+                heads[rt] = fit_head(fs["train"], fs.get("val"), fs.get("test"))
                 print(f"{root.name} {rt}: {heads[rt].best_params} {heads[rt].test_metrics}", flush=True)
         diff = max(float(np.abs(feats["torch"][k].features - feats["onnxruntime"][k].features).max()) for k in feats["torch"])
         mean_abs = float(np.mean([np.abs(f.features).mean() for f in feats["torch"].values()]))
@@ -768,7 +769,9 @@ def write_report(res: dict[str, Any], out: Path) -> None:
             "",
             f"Command: `{r['command']}`",
             "",
-            "(a) bound: the plain model's bare forward (eval, inference mode, no BN folding or freezing) on pre-decoded, pre-normalised tensors in memory, best of "
+            "(a) bound: the bare forward of the same weights on pre-decoded images in memory, best over runtime (PyTorch eager: eval, inference mode, "
+            "pre-normalised tensors; featx's frozen TorchScript model; on the CPU ONNX Runtime: featx's checked export, uint8 input normalised in the graph, "
+            "`ort intra` = one session run at a time on all cores, `ort streams` = one single-threaded session loop per core) x "
             f"{', '.join(f'bs {b}' for b in s['batch_sizes'])} x NCHW / channels_last x layout (`intra`: one forward at a time on all cores; "
             f"`streams`: one single-threaded forward loop per core, featx's CPU layout) ({s['bound_images']} images, >= {s['bound_seconds']} s per setting, every round). "
             "(a') the same bare measurement of featx's own prepared model in featx's layout (not a bound; (b)/(a') is the share of its own compute speed featx keeps end to end). "

@@ -134,7 +134,7 @@ def planned_runtime(settings: Any, device_type: str, precision: str) -> str:
     elif settings.decode in ("processes", "gpu") or (settings.num_workers or 0) > 0:
         why = "decoding in worker processes or on the GPU (ONNX Runtime decodes in streams or threads)"
     elif not onnxruntime_available():
-        why = "the onnxruntime package is not installed (pip install 'featx[onnx]')"
+        why = "the onnxruntime package is not installed (pip install onnxruntime onnx)"
     if why is None:
         return "onnxruntime"
     if requested == "onnxruntime":
