@@ -4,14 +4,18 @@
 On the same images, interleaved in rounds inside one run (the machine drifts up to 1.5x within minutes, so
 only ratios from the same round count; medians over the rounds):
 
-- (a) **bound**: the bare forward of the plain model (eval, inference mode, no featx model preparation) on
-  pre-decoded, pre-normalised tensors already in memory (on the device), best over batch size and memory
-  format. Measured per round on ``--bound-images`` images, each setting for at least ``--bound-seconds``.
+- (a) **bound**: the bare forward of the same weights on pre-decoded images already in memory (on the device), best
+  over runtime x batch size x layout: PyTorch eager (plain model, eval, inference mode; NCHW / channels_last),
+  featx's frozen TorchScript model, and on the CPU ONNX Runtime (featx's checked export: uint8 input, normalised in the
+  graph). Measured per round on ``--bound-images`` images, each setting for at least ``--bound-seconds``.
 - (b) **featx extract** as a whole process: ``python -m featx -q extract DATA --cache-dir <fresh tmp>``, wall
   time including interpreter start, imports, model build, every split, the journal and the final HDF5 files.
   ``--b-variant NAME='ARGS'`` adds more (b) runs with extra CLI arguments (e.g. ``--optimize none``; an argument
   ``FEATX_X=V`` sets that environment variable instead; a first argument ``<os._exit>`` runs the same CLI entry
-  point but ends the process with ``os._exit`` after flushing, to measure what interpreter teardown costs).
+  point but ends the process with ``os._exit`` after flushing, to measure what interpreter teardown costs; a first
+  argument ``<ready-onnx>`` starts from a cache folder that already holds the embedder's checked ``.onnx`` export,
+  as every extraction after the first one does). ``--featx-args`` gives the main (b) run's arguments. The start-up of
+  each (b) run (wall time minus the extraction seconds its caches record) is reported beside it.
 - (c) **naive loop**: PIL open + the torchvision eval transform + forward, one image at a time (batch 1,
   NCHW), one process, the model built beforehand (its build is not timed: that favours the loop).
 
@@ -20,6 +24,7 @@ Parts (each under the CPU lock; each merges into benchmarks/results/bench_extrac
     flock /tmp/featx-cpu.lock python benchmarks/bench_extract.py --part rounds            # (a) (b) (c)
     flock /tmp/featx-cpu.lock python benchmarks/bench_extract.py --part profile           # where the time goes
     flock /tmp/featx-cpu.lock python benchmarks/bench_extract.py --part storage --features 'runs/perf-cache/*.h5'
+    flock /tmp/featx-cpu.lock python benchmarks/bench_extract.py --part features --data-root ../shared/data  # ORT vs torch
     python benchmarks/bench_extract.py --device cuda --part rounds                        # on a GPU machine
 
 ``--device cuda`` runs the same table on a GPU (bound on GPU tensors, (b) with ``--device cuda``, the naive loop
@@ -175,6 +180,43 @@ class Bound:
             copy.deepcopy(plain), device=device, input_size=bb.preprocessing.input_size, precision=precision
         )
         self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        self.ort = None
+        if device.type == "cpu" and precision == "fp32":
+            from featx.onnx_export import OrtFeatures, export_checked
+
+            data, manifest = export_checked(copy.deepcopy(plain).cpu().eval(), ["pooled"], bb.preprocessing, bb.spec)
+            self.ort = OrtFeatures(data, manifest, None)
+            self.ort_check = manifest["check"]["worst"]
+            self.u8 = u8.numpy()
+
+    def _time_ort(self, bs: int, layout: str, min_seconds: float) -> float:
+        import threading
+
+        workers = self.cores if layout == "streams" else 1
+        threads = 1 if layout == "streams" else self.cores
+        assert self.ort is not None
+        sess = self.ort.session(threads)
+        parts = [self.u8[i::workers] for i in range(workers)]
+        counts = [0] * workers
+        sess.run(None, {"images": parts[0][:bs]})
+        sess.run(None, {"images": parts[0][:bs]})
+        t0 = time.perf_counter()
+
+        def run(k: int) -> None:
+            xs = parts[k]
+            while True:
+                for i in range(0, len(xs) - bs + 1, bs):
+                    sess.run(None, {"images": xs[i : i + bs]})
+                    counts[k] += bs
+                if time.perf_counter() - t0 >= min_seconds:
+                    return
+
+        ths = [threading.Thread(target=run, args=(k,)) for k in range(workers)]
+        for t in ths:
+            t.start()
+        for t in ths:
+            t.join()
+        return sum(counts) / (time.perf_counter() - t0)
 
     def _time(self, model: Any, x: Any, bs: int, layout: str, min_seconds: float) -> float:
         import threading
@@ -232,9 +274,15 @@ class Bound:
         from featx.inference import default_micro_batch
 
         micro = default_micro_batch(self.device) or max(self.batch_sizes)
-        fx[f"{layout} channels_last bs{micro} ({self.featx_optimize})"] = self._time(
-            self.featx_model, self.inputs["channels_last"], micro, layout, min_seconds
-        )
+        # featx's frozen TorchScript model is a runtime of the same weights: part of the bound, and (a') for torch
+        key = f"{layout} channels_last bs{micro} ({self.featx_optimize})"
+        out[key] = fx[f"torch {key}"] = self._time(self.featx_model, self.inputs["channels_last"], micro, layout, min_seconds)
+        if self.ort is not None:
+            n = len(self.u8)
+            for lay in ("intra", "streams"):
+                for bs in [b for b in self.batch_sizes if b <= n // (self.cores if lay == "streams" else 1)]:
+                    out[f"ort {lay} bs{bs}"] = self._time_ort(bs, lay, min_seconds)
+            fx[f"ort streams bs{micro}"] = out[f"ort streams bs{micro}"]
         return out, fx
 
 
@@ -246,11 +294,18 @@ FAST_EXIT = "<os._exit>"
 FAST_EXIT_CODE = "import os, sys; from featx.cli import main; rc = main(sys.argv[1:]); sys.stdout.flush(); sys.stderr.flush(); os._exit(rc or 0)"
 
 
-def featx_extract(data: Path, device: str, precision: str, extra: list[str]) -> dict[str, Any]:
+READY_ONNX = "<ready-onnx>"
+
+
+def featx_extract(data: Path, device: str, precision: str, extra: list[str], seed: Path | None = None) -> dict[str, Any]:
     import h5py
 
     with tempfile.TemporaryDirectory(prefix="featx-bench-extract-") as tmp:
         head = [sys.executable, "-m", "featx"]
+        if extra[:1] == [READY_ONNX]:  # a cache folder that already holds the checked export (every run after the first)
+            extra = extra[1:]
+            for f in sorted((seed or Path(tmp)).glob("*.onnx")):
+                shutil.copy2(f, Path(tmp) / f.name)
         if extra[:1] == [FAST_EXIT]:  # the same CLI entry point, ended with os._exit (a proposal, measured)
             head, extra = [sys.executable, "-c", FAST_EXIT_CODE], extra[1:]
         env = {k: v for k, v in os.environ.items() if not k.startswith("FEATX_")}
@@ -267,6 +322,9 @@ def featx_extract(data: Path, device: str, precision: str, extra: list[str]) -> 
         if p.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}): {p.stderr.strip()[-2000:]}")
         n, steady, attrs = 0, 0.0, {}
+        if seed is not None and not any(seed.glob("*.onnx")):
+            for f in Path(tmp).glob("*.onnx"):
+                shutil.copy2(f, seed / f.name)
         for f in sorted(Path(tmp).glob("*.h5")):
             with h5py.File(f, "r") as h:
                 a = dict(h.attrs.items())
@@ -275,13 +333,14 @@ def featx_extract(data: Path, device: str, precision: str, extra: list[str]) -> 
             attrs = {
                 k: (v if isinstance(v, (int, float, str)) else str(v))
                 for k, v in a.items()
-                if k in ("batch_size", "device", "dtype", "chunk_rows")
+                if k in ("batch_size", "device", "dtype", "chunk_rows", "runtime")
             }
     return {
         "wall_s": wall,
         "images": n,
         "images_per_s": n / wall,
         "compute_s": steady,
+        "startup_s": wall - steady,
         "attrs": attrs,
         "command": " ".join(cmd[1:]),
     }
@@ -328,12 +387,13 @@ def part_rounds(args: argparse.Namespace, data: Path, images: list[Path]) -> dic
     bound_imgs = images[: args.bound_images]
     bound = Bound(bb, bound_imgs, dev, args.precision, args.batch_sizes)
     naive = Naive(bb, dev, args.precision)
-    variants = [("featx", [])] + [(v.split("=", 1)[0], v.split("=", 1)[1].split()) for v in args.b_variant]
-    # warm the page cache and every code path once (not recorded)
+    variants = [("featx", args.featx_args.split())] + [(v.split("=", 1)[0], v.split("=", 1)[1].split()) for v in args.b_variant]
+    seed = Path(tempfile.mkdtemp(prefix="featx-bench-onnx-"))
+    # warm the page cache and every code path once (not recorded); the first run leaves the .onnx for <ready-onnx>
     print("warm-up", flush=True)
     naive.run(images[:8])
-    featx_extract(data, args.device, args.precision, variants[0][1])
-    steps = ["a"] + [f"b:{name}" for name, _ in variants] + ["c"]
+    featx_extract(data, args.device, args.precision, [a for a in variants[0][1] if a != READY_ONNX], seed)
+    steps = ["a"] + [f"b:{name}" for name, _ in variants] + ([] if args.skip_naive else ["c"])
     rounds = []
     for r in range(args.rounds):
         order = steps[r % len(steps) :] + steps[: r % len(steps)]  # rotate so that no measurement always goes first
@@ -348,12 +408,12 @@ def part_rounds(args: argparse.Namespace, data: Path, images: list[Path]) -> dic
                 rec["c"] = naive.run(images)
             else:
                 name = step[2:]
-                rec["b"][name] = featx_extract(data, args.device, args.precision, dict(variants)[name])
+                rec["b"][name] = featx_extract(data, args.device, args.precision, dict(variants)[name], seed)
             print(f"round {r} {step}: done", flush=True)
         busy1, own1 = cpu_seconds()
         rec["wall_s"] = time.perf_counter() - t_round
         rec["others_cpu_s"] = (busy1 - busy0) - (own1 - own0)
-        a, c = rec["a"]["images_per_s"], rec["c"]["images_per_s"]
+        a, c = rec["a"]["images_per_s"], rec["c"]["images_per_s"] if "c" in rec else float("nan")
         rec["ratios"] = {
             name: {"b_over_a": b["images_per_s"] / a, "b_over_c": b["images_per_s"] / c} for name, b in rec["b"].items()
         }
@@ -372,13 +432,15 @@ def part_rounds(args: argparse.Namespace, data: Path, images: list[Path]) -> dic
             flush=True,
         )
         rounds.append(rec)
+    shutil.rmtree(seed, ignore_errors=True)
     med = {
         "a_images_per_s": statistics.median(r["a"]["images_per_s"] for r in rounds),
-        "c_images_per_s": statistics.median(r["c"]["images_per_s"] for r in rounds),
+        "c_images_per_s": statistics.median(r["c"]["images_per_s"] for r in rounds) if not args.skip_naive else float("nan"),
         "b": {
             name: {
                 "images_per_s": statistics.median(r["b"][name]["images_per_s"] for r in rounds),
                 "wall_s": statistics.median(r["b"][name]["wall_s"] for r in rounds),
+                "startup_s": statistics.median(r["b"][name]["startup_s"] for r in rounds),
                 "b_over_a": statistics.median(r["ratios"][name]["b_over_a"] for r in rounds),
                 "b_over_c": statistics.median(r["ratios"][name]["b_over_c"] for r in rounds),
             }
@@ -398,8 +460,70 @@ def part_rounds(args: argparse.Namespace, data: Path, images: list[Path]) -> dic
             "bound_seconds": args.bound_seconds,
             "batch_sizes": args.batch_sizes,
             "variants": {name: " ".join(extra) for name, extra in variants},
+            "ort_export_check": getattr(bound, "ort_check", None),
         },
     }
+
+
+# --------------------------------------------------------------------------------------------------
+# part: features (ONNX Runtime vs PyTorch numbers, and the heads fitted on each)
+
+
+def part_features(args: argparse.Namespace, data: Path, images: list[Path]) -> dict[str, Any]:
+    import dataclasses
+
+    from featx.backbones import build_backbone
+    from featx.cache import load_cache
+    from featx.data import load_dataset
+    from featx.extraction import extract
+    from featx.heads import fit_head
+    from featx.inference import compute_features
+    from featx.runtime import InferenceSettings
+
+    out = []
+    bb = build_backbone(args.backbone)
+    model, dims = bb.multi_layer_model(bb.layers)
+    tap = dataclasses.replace(bb, model=model)
+    for root in sorted(p for p in Path(args.data_root).resolve().iterdir() if p.is_dir()):
+        ds = load_dataset(root)
+        heads, feats = {}, {}
+        with tempfile.TemporaryDirectory(prefix="featx-bench-feat-") as tmp:
+            for rt in ("torch", "onnxruntime"):
+                res = extract(ds, settings=InferenceSettings(runtime=rt), cache_dir=Path(tmp) / rt, progress=False)
+                paths = {r.split: r.path for r in res}
+                feats[rt] = {k: load_cache(v) for k, v in paths.items()}
+                fs = feats[rt]
+                heads[rt] = fit_head(fs["train"], fs.get("val"), fs.get("test"))
+                print(f"{root.name} {rt}: {heads[rt].best_params} {heads[rt].test_metrics}", flush=True)
+        diff = max(float(np.abs(feats["torch"][k].features - feats["onnxruntime"][k].features).max()) for k in feats["torch"])
+        mean_abs = float(np.mean([np.abs(f.features).mean() for f in feats["torch"].values()]))
+        test = ds.splits.get("test") or next(iter(ds.splits.values()))
+        a, _ = compute_features(tap, test.root, test.paths, settings=InferenceSettings(runtime="torch"))
+        b, _ = compute_features(tap, test.root, test.paths, settings=InferenceSettings(runtime="onnxruntime"))
+        bounds = np.cumsum([0, *dims])
+        per_layer = {
+            layer: float(np.abs(a[:, bounds[i] : bounds[i + 1]] - b[:, bounds[i] : bounds[i + 1]]).max())
+            for i, layer in enumerate(bb.layers)
+        }
+        ht, ho = heads["torch"], heads["onnxruntime"]
+        te_t, te_o = feats["torch"].get("test"), feats["onnxruntime"].get("test")
+        pred_diff = int((ht.predict(te_t.features) != ho.predict(te_o.features)).sum()) if te_t is not None else -1
+        out.append(
+            {
+                "dataset": root.name,
+                "max_abs_diff": diff,
+                "mean_abs": mean_abs,
+                "per_layer": per_layer,
+                "params_torch": ht.best_params,
+                "params_ort": ho.best_params,
+                "acc_torch": float((ht.test_metrics or {}).get("accuracy", float("nan"))),
+                "acc_ort": float((ho.test_metrics or {}).get("accuracy", float("nan"))),
+                "test_pred_diff": pred_diff,
+                "n_test": len(te_t.labels) if te_t is not None else 0,
+            }
+        )
+        print(json.dumps(out[-1], default=str), flush=True)
+    return {"datasets": out, "settings": {"data_root": args.data_root, "backbone": args.backbone}}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -645,7 +769,9 @@ def write_report(res: dict[str, Any], out: Path) -> None:
             "",
             f"Command: `{r['command']}`",
             "",
-            "(a) bound: the plain model's bare forward (eval, inference mode, no BN folding or freezing) on pre-decoded, pre-normalised tensors in memory, best of "
+            "(a) bound: the bare forward of the same weights on pre-decoded images in memory, best over runtime (PyTorch eager: eval, inference mode, "
+            "pre-normalised tensors; featx's frozen TorchScript model; on the CPU ONNX Runtime: featx's checked export, uint8 input normalised in the graph, "
+            "`ort intra` = one session run at a time on all cores, `ort streams` = one single-threaded session loop per core) x "
             f"{', '.join(f'bs {b}' for b in s['batch_sizes'])} x NCHW / channels_last x layout (`intra`: one forward at a time on all cores; "
             f"`streams`: one single-threaded forward loop per core, featx's CPU layout) ({s['bound_images']} images, >= {s['bound_seconds']} s per setting, every round). "
             "(a') the same bare measurement of featx's own prepared model in featx's layout (not a bound; (b)/(a') is the share of its own compute speed featx keeps end to end). "
@@ -666,7 +792,7 @@ def write_report(res: dict[str, Any], out: Path) -> None:
                 + " ".join(f"{v:.1f} ({k})" for k, v in rd["a"].get("featx_model", {}).items())
                 + " | "
                 + " | ".join(f"{rd['b'][n]['images_per_s']:.1f} ({rd['b'][n]['wall_s']:.1f})" for n in s["variants"])
-                + f" | {rd['c']['images_per_s']:.1f} | "
+                + f" | {rd['c']['images_per_s'] if 'c' in rd else float('nan'):.1f} | "
                 + " | ".join(f"{rd['ratios'][n]['b_over_a']:.2f}, {rd['ratios'][n]['b_over_c']:.2f}" for n in s["variants"])
                 + f" | {rd.get('others_cpu_s', float('nan')):.1f} / {rd.get('wall_s', float('nan')):.0f} |"
             )
@@ -686,7 +812,19 @@ def write_report(res: dict[str, Any], out: Path) -> None:
             "",
             "Variants: " + "; ".join(f"`{n}` = featx extract {a or '(defaults)'}" for n, a in s["variants"].items()),
             "",
+            "Start-up of each (b) run (wall s minus the extraction seconds its caches record: interpreter, imports, dataset scan, "
+            "model build or `.onnx` load/export, HDF5 assembly), median: "
+            + "; ".join(f"`{n}` {med['b'][n]['startup_s']:.2f} s" for n in s["variants"] if "startup_s" in med["b"][n])
+            + ".",
+            "",
         ]
+        if s.get("ort_export_check"):
+            w = s["ort_export_check"]
+            lines += [
+                f"ONNX Runtime export check (probe batch): max |ort - torch| {w['max_abs_diff']:.2g} at layer {w['layer']} "
+                f"({w['relative']:.2g} of the largest feature; tolerance 1e-4).",
+                "",
+            ]
         lines += ["Bound per setting, median over rounds (img/s):", ""]
         settings = list(r["rounds"][0]["a"]["all"])
         lines += ["| " + " | ".join(settings) + " |", "|" + "---|" * len(settings)]
@@ -738,6 +876,31 @@ def write_report(res: dict[str, Any], out: Path) -> None:
             f"Writes for all {p['images']} feature rows: journal npz {p['journal_npz_write_s']:.3f} s, final HDF5 {p['hdf5_write_s']:.3f} s.",
             "",
         ]
+    if "features" in res:
+        fr = res["features"]
+        lines += [
+            "## ONNX Runtime vs PyTorch features, and heads fitted on each",
+            "",
+            f"Machine: {machine_line(fr['machine'])}. Date: {fr['date']}. Command: `{fr['command']}`",
+            "",
+            "Each dataset extracted twice (`--runtime torch`, `--runtime onnxruntime`), pooled features; per layer, the layer-wise "
+            "probe's multi-layer model on the test split (one ONNX Runtime pass gives every layer). `featx fit-head` (logreg, "
+            "its default sweep) on each set of caches.",
+            "",
+            "| dataset | max abs diff pooled (all splits) | mean abs feature | head C torch / ORT | test acc torch / ORT | test images differing |",
+            "|---|---|---|---|---|---|",
+        ]
+        for d in fr["datasets"]:
+            lines.append(
+                f"| {d['dataset']} | {d['max_abs_diff']:.2g} | {d['mean_abs']:.3f} | {d['params_torch']} / {d['params_ort']} | "
+                f"{d['acc_torch']:.4f} / {d['acc_ort']:.4f} | {d['test_pred_diff']} of {d['n_test']} |"
+            )
+        lines += ["", "Max |ORT - PyTorch| per layer (test split of each dataset):", ""]
+        layers = list(fr["datasets"][0]["per_layer"])
+        lines += ["| dataset | " + " | ".join(layers) + " |", "|---|" + "---|" * len(layers)]
+        for d in fr["datasets"]:
+            lines.append(f"| {d['dataset']} | " + " | ".join(f"{d['per_layer'][k]:.2g}" for k in layers) + " |")
+        lines.append("")
     if "storage" in res:
         st = res["storage"]
         lines += [
@@ -765,7 +928,10 @@ def write_report(res: dict[str, Any], out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", default="rounds", choices=["rounds", "profile", "storage", "report"])
+    ap.add_argument("--part", default="rounds", choices=["rounds", "profile", "storage", "features", "report"])
+    ap.add_argument("--featx-args", default="", help="the main (b) run's extra arguments (e.g. '<ready-onnx>')")
+    ap.add_argument("--skip-naive", action="store_true", help="rounds: leave out (c) (large datasets)")
+    ap.add_argument("--data-root", default="../shared/data", help="features: every dataset in this folder")
     ap.add_argument("--data", default=DEFAULT_DATA)
     ap.add_argument("--images", type=int, default=None, help="subsample to N images (a copy of the dataset, evenly spaced)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -802,7 +968,7 @@ def main() -> None:
             if args.images:
                 data = subsample(data, args.images, work)
             images = image_list(data)
-            fn = {"rounds": part_rounds, "profile": part_profile, "storage": part_storage}[args.part]
+            fn = {"rounds": part_rounds, "profile": part_profile, "storage": part_storage, "features": part_features}[args.part]
             part = fn(args, data, images)
         finally:
             shutil.rmtree(work, ignore_errors=True)

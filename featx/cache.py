@@ -63,6 +63,7 @@ from featx import __version__
 from featx.backbones import EmbedderSpec
 from featx.data import RowSelection
 from featx.errors import CacheError
+from featx.onnx_export import onnx_damage, onnx_file_problem, onnx_manifest
 
 FORMAT_VERSION = 3  # 3: fletcher32 + digests, built from a journal; 2: one EmbedderSpec; 1: featx 0.1.0
 JOURNAL_FORMAT = "featx-journal-1"
@@ -71,8 +72,9 @@ LOCK_DIR = ".locks"
 _DIGEST_ATTRS = ("attrs_sha256", "tables_sha256")
 _CHUNK_RE = re.compile(r"^chunk-(\d{9})-([0-9a-f]{16})\.npz$")
 _KEY_RE = re.compile(r"^[0-9a-f]{20}$")
-#: What featx names in a cache folder: ``<stem>-<key>.h5`` (a cache), ``.partial`` (its journal), ``.h5.tmp`` (its assembly).
-_NAME_RE = re.compile(r"^(?P<stem>.+-(?P<key>[0-9a-f]{20}))(?P<ext>\.h5|\.partial|\.h5\.tmp)$")
+#: What featx names in a cache folder: ``<stem>-<key>.h5`` (a cache), ``.partial`` (its journal), ``.h5.tmp`` (its assembly),
+#: ``.onnx`` (an embedder's checked ONNX export, its own key: :mod:`featx.onnx_export`).
+_NAME_RE = re.compile(r"^(?P<stem>.+-(?P<key>[0-9a-f]{20}))(?P<ext>\.h5|\.partial|\.h5\.tmp|\.onnx)$")
 #: The temporary files of :func:`write_file_atomic` inside a journal (a kill mid-write leaves one).
 _JOURNAL_TMP_RE = re.compile(r"^\.tmp-\d+-(journal\.json|chunk-\d{9}-[0-9a-f]{16}\.npz)$")
 _LOCK_RE = re.compile(r"^.+-[0-9a-f]{20}\.lock$")
@@ -156,7 +158,7 @@ def lock_path(final: Path) -> Path:
 
 def _key_of(path: Path) -> str:
     name = path.name
-    for suffix in (".tmp", ".h5", ".partial", ".lock"):
+    for suffix in (".tmp", ".h5", ".partial", ".lock", ".onnx"):
         name = name.removesuffix(suffix)
     key = name.rsplit("-", 1)[-1]
     return key if _KEY_RE.match(key) else str(path)
@@ -353,7 +355,7 @@ def _lock_file_problem(p: Path) -> str | None:
 
 def fix_hint(path: Path) -> str:
     """How to get rid of a broken cache: ``featx cache rm`` when featx can prove the file is its own, else by hand."""
-    why = cache_file_problem(path)
+    why = onnx_file_problem(path) if path.name.endswith(".onnx") else cache_file_problem(path)
     if why:
         return (
             f"featx cannot prove it wrote this file ({why}), so `featx cache rm` leaves it: "
@@ -1082,7 +1084,7 @@ def _read_attrs(f: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """(decoded attributes, raw attributes as stored)."""
     raw = dict(f.attrs.items())
     out = {k: _norm(v) for k, v in raw.items()}
-    for k in ("embedder", "spec"):
+    for k in ("embedder", "spec", "onnx"):
         if isinstance(out.get(k), str):
             out[k] = json.loads(out[k])
     return out, raw
@@ -1282,9 +1284,14 @@ def verify_caches(refs: list[str] | None = None, cache_dir: str | os.PathLike[st
     if refs:
         targets = [resolve_cache_path(r, d) for r in refs]
     else:
-        targets = [p for p in _cache_entries(d) if (m := _NAME_RE.match(p.name)) and m["ext"] == ".h5"]
+        targets = [p for p in _cache_entries(d) if (m := _NAME_RE.match(p.name)) and m["ext"] in (".h5", ".onnx")]
     out = []
     for p in targets:
+        if p.name.endswith(".onnx"):
+            why = onnx_file_problem(p) or onnx_damage(p)
+            ok_text = f"ONNX export {p.name}: featx's, sha256 matches"
+            out.append((p, False, f"{p}: {why} (it is never used; {fix_hint(p)})") if why else (p, True, ok_text))
+            continue
         try:
             with CacheReader(p) as reader:
                 message, stored = reader.verify(), reader.attrs.get("key")
@@ -1307,7 +1314,7 @@ def _cache_entries(d: Path) -> list[Path]:
         names = sorted(os.listdir(d))
     except OSError:
         return []
-    return [d / n for n in names if not n.startswith(".") and n.endswith((".h5", ".partial", ".h5.tmp"))]
+    return [d / n for n in names if not n.startswith(".") and n.endswith((".h5", ".partial", ".h5.tmp", ".onnx"))]
 
 
 def _entry_problem(p: Path) -> str | None:
@@ -1319,6 +1326,8 @@ def _entry_problem(p: Path) -> str | None:
         return cache_file_problem(p)
     if m["ext"] == ".partial":
         return journal_problem(p)
+    if m["ext"] == ".onnx":
+        return onnx_file_problem(p)
     return assembly_problem(final_path(p))
 
 
@@ -1383,6 +1392,19 @@ def list_caches(cache_dir: str | os.PathLike[str] | None = None) -> list[dict[st
             row.update(key=_key_of(p), status="unusable: an interrupted assembly")
             rows.append(row)
             continue
+        if ext == ".onnx":
+            man = onnx_manifest(p) or {}
+            emb = man.get("embedder") or {}
+            row.update(
+                key=_key_of(p),
+                backbone=emb.get("backbone"),
+                layer="+".join(man.get("taps") or []),
+                shape=[0, sum(man.get("dims") or [])],
+                created=man.get("created_at"),
+                status="onnx export (checked against PyTorch; `featx cache verify` checks its sha256)",
+            )
+            rows.append(row)
+            continue
         try:
             a = read_cache_attrs(p)
             row.update(
@@ -1403,7 +1425,7 @@ def list_caches(cache_dir: str | os.PathLike[str] | None = None) -> list[dict[st
 
 
 def _is_path_ref(ref: str) -> bool:
-    return Path(ref).suffix in (".h5", ".partial", ".tmp") or os.sep in ref or bool(os.altsep and os.altsep in ref)
+    return Path(ref).suffix in (".h5", ".partial", ".tmp", ".onnx") or os.sep in ref or bool(os.altsep and os.altsep in ref)
 
 
 def _lookup_key(ref: str, d: Path, exts: tuple[str, ...]) -> tuple[str, list[Path]]:
@@ -1448,7 +1470,7 @@ class Removal:
     busy: list[tuple[Path, str]] = field(default_factory=list)
 
 
-_EXT_ORDER = (".h5", ".partial", ".h5.tmp")
+_EXT_ORDER = (".h5", ".partial", ".h5.tmp", ".onnx")
 
 
 def _stem_entries(d: Path, stem: str, exts: Iterable[str]) -> dict[str, Path]:
@@ -1512,7 +1534,12 @@ def clean_caches(refs: Iterable[str] = (), cache_dir: str | os.PathLike[str] | N
         for r in refs:
             if _is_path_ref(r):
                 m = _NAME_RE.match(_rm_path(r, d).name)
-                exts = {".h5": set(_EXT_ORDER), ".partial": {".partial", ".h5.tmp"}, ".h5.tmp": {".h5.tmp"}}[m["ext"]]  # type: ignore[index]
+                exts = {
+                    ".h5": {".h5", ".partial", ".h5.tmp"},
+                    ".partial": {".partial", ".h5.tmp"},
+                    ".h5.tmp": {".h5.tmp"},
+                    ".onnx": {".onnx"},
+                }[m["ext"]]  # type: ignore[index]
                 plans.setdefault(m["stem"], set()).update(exts)  # type: ignore[index]
             else:
                 _key, paths = _lookup_key(r, d, _EXT_ORDER)

@@ -101,6 +101,16 @@ def _add_runtime_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_runtime_choice(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--runtime",
+        default=None,
+        choices=["auto", "torch", "onnxruntime"],
+        help="what runs the frozen forward (default: auto = ONNX Runtime on the CPU in fp32 when installed and its "
+        "export passes the check against PyTorch, else PyTorch; env FEATX_RUNTIME)",
+    )
+
+
 def _add_inference_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("inference (benchmarks/results/bench_extract.md)")
     g.add_argument(
@@ -136,6 +146,7 @@ def _settings(args: argparse.Namespace) -> Any:
         optimize=getattr(args, "optimize", None),
         decode=getattr(args, "decode", None),
         jpeg_draft=True if getattr(args, "jpeg_draft", False) else None,
+        runtime=getattr(args, "runtime", None),
     )
 
 
@@ -175,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backbone_options(p)
     _add_runtime_options(p)
     p.add_argument("--no-channels-last", action="store_true", help="keep NCHW memory format")
+    _add_runtime_choice(p)
     _add_inference_options(p)
     _add_cache_dir(p)
     p.add_argument(
@@ -221,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_outside_root(p)
     _add_backbone_options(p)
     _add_runtime_options(p)
+    _add_runtime_choice(p)
     _add_cache_dir(p)
     _add_split_options(p)
     p.add_argument("--n-jobs", type=n_jobs_int, default=None, help="parallel sweep workers (default: all cores)")
@@ -257,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="-", help="output .csv or .json, or - for CSV on stdout (default: -)")
     p.add_argument("--weights", default=None, help="where the head's weights file is now, if it has moved (sha256 is checked)")
     _add_runtime_options(p)
+    _add_runtime_choice(p)
     _add_cache_dir(p)
     p.set_defaults(func=cmd_predict)
 
@@ -596,6 +610,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         settings=_settings(args),
         weights=args.weights,
         progress=_progress(args),
+        cache_dir=args.cache_dir,
     )
     for path, reason in preds.failures[:5]:
         _err(f"  skipped {path}: {reason}")

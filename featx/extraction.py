@@ -56,7 +56,9 @@ from featx.inference import (  # noqa: F401  (compute_features is re-exported)
     default_batch_size,
     images_in_flight,
     iter_features,
+    select_model,
 )
+from featx.onnx_export import OrtFeatures, planned_runtime
 from featx.runtime import InferenceSettings
 
 log = logging.getLogger(__name__)
@@ -106,6 +108,45 @@ class ExtractResult:
             f"{self.split}: {what}, {self.n_failed} skipped, {self.seconds:.1f} s "
             f"({self.images_per_s:.1f} img/s) -> {self.path.name}"
         )
+
+
+@dataclass(frozen=True)
+class _Runner:
+    """What computes an extraction's rows: the model :func:`iter_features` runs (a torch feature model or a checked
+    ONNX export), the runtime's name, the preprocessing, the embedder record, the export's record (ONNX Runtime)."""
+
+    model: Any
+    runtime: str
+    preprocessing: Any
+    embedder: dict[str, Any]
+    onnx: dict[str, Any] | None = None
+
+
+def _make_runner(
+    embedder: EmbedderSpec, settings: InferenceSettings, cdir: Path, get_backbone: Callable[[], Backbone]
+) -> _Runner:
+    """The runner for ``settings.runtime`` (:func:`featx.inference.select_model`): with ONNX Runtime and a ready
+    ``.onnx`` in the cache folder no PyTorch model is built (no torch, timm or torchvision import)."""
+    layer = embedder.layer
+
+    def build_export() -> tuple[Any, Any]:
+        bb = get_backbone()
+        return bb.model, bb.preprocessing
+
+    model = select_model(
+        embedder,
+        [layer],
+        settings=settings,
+        device_type=runtime.device_type(settings.device),
+        store=cdir,
+        build_export=build_export,
+        torch_model=lambda: get_backbone().feature_model(layer),
+    )
+    if isinstance(model, OrtFeatures):
+        emb = embedder.with_(preprocessing=model.preprocessing).to_dict()
+        return _Runner(model, "onnxruntime", model.preprocessing, emb, model.record())
+    bb = get_backbone()
+    return _Runner(model, "torch", bb.preprocessing, bb.embedder(layer, embedder.precision).to_dict())
 
 
 def cache_spec(split: Split, embedder: EmbedderSpec) -> CacheSpec:
@@ -329,6 +370,7 @@ def extract(
     _prepare_cache_dir(cdir)
     results: list[ExtractResult] = []
     built: list[Backbone] = []
+    runners: dict[str, _Runner] = {}
 
     def get_backbone() -> Backbone:
         if not built:
@@ -338,12 +380,17 @@ def extract(
             built.append(bb)
         return built[0]
 
+    def get_runner(run_settings: InferenceSettings) -> _Runner:
+        if run_settings.runtime not in runners:
+            runners[run_settings.runtime] = _make_runner(embedder, run_settings, cdir, get_backbone)
+        return runners[run_settings.runtime]
+
     for name in names:
         split = ds.split(name)
         spec = cache_spec(split, embedder)
         final = cache_path(cdir, ds.name, spec)
         with KeyLock(lock_path(final)):  # a second run for the same key waits, then sees a hit
-            result = _extract_or_hit(ds, split, spec, final, get_backbone, force=force, settings=settings, progress=progress)
+            result = _extract_or_hit(ds, split, spec, final, get_runner, force=force, settings=settings, progress=progress)
         results.append(result)
         if strict and result.n_failed:
             first = result.failures[0] if result.failures else _first_failure(result.path, split)
@@ -367,7 +414,7 @@ def _extract_or_hit(
     split: Split,
     spec: CacheSpec,
     final: Path,
-    get_backbone: Callable[[], Backbone],
+    get_runner: Callable[[InferenceSettings], _Runner],
     *,
     force: bool,
     settings: InferenceSettings,
@@ -386,7 +433,7 @@ def _extract_or_hit(
                 final,
                 split,
                 lambda: _retry_failures(
-                    hit, split, spec, [i for i, _ in transient], get_backbone, settings=settings, progress=progress
+                    hit, split, spec, [i for i, _ in transient], get_runner, settings=settings, progress=progress
                 ),
             )
         if transient:
@@ -398,7 +445,7 @@ def _extract_or_hit(
             raise NotFeatxError(final, why)
     journal.check_ours()  # never resume over, or discard, a folder featx cannot prove it wrote
     return _with_interrupts(
-        final, split, lambda: _extract_split(ds, split, spec, journal, get_backbone, settings=settings, progress=progress)
+        final, split, lambda: _extract_split(ds, split, spec, journal, get_runner, settings=settings, progress=progress)
     )
 
 
@@ -436,18 +483,20 @@ def _extract_split(
     split: Split,
     spec: CacheSpec,
     journal: CacheJournal,
-    get_backbone: Callable[[], Backbone],
+    get_runner: Callable[[InferenceSettings], _Runner],
     *,
     settings: InferenceSettings,
     progress: bool,
 ) -> ExtractResult:
     t0 = time.perf_counter()
     layer, precision = spec.embedder.layer, spec.embedder.precision
-    dev = runtime.resolve_device(settings.device)
+    planned = planned_runtime(settings, runtime.device_type(settings.device), precision)
+    dev = runtime.CpuDevice() if planned == "onnxruntime" else runtime.resolve_device(settings.device)
     runtime.check_precision(precision, dev)
     n = len(split)
     # What must match for a journal to be resumed (the key covers rows and embedder; the device changes numbers;
-    # the settings that can change the rounding without being in the key are the settings' own record).
+    # the settings that can change the rounding without being in the key are the settings' own record; the runtime
+    # that computes the rows: a journal never holds rows of two runtimes, a resume with another one starts over).
     requested = _norm_json(
         {
             "key": spec.key(),
@@ -457,13 +506,15 @@ def _extract_split(
             "layer": layer,
             "featx_version": __version__,
             **settings.to_dict(),
+            "runtime": planned,
         }
     )
     state = None
     if journal.exists():
         try:
             journal.open()
-            stale = [k for k, v in requested.items() if journal.header.get(k) != v]
+            made = {**journal.header, "runtime": journal.header.get("runtime", "torch")}  # featx before runtimes: torch
+            stale = [k for k, v in requested.items() if made.get(k) != v]
             if stale:
                 raise ValueError(f"it was made with other settings ({', '.join(stale)})")
             state = journal.verify()
@@ -473,11 +524,21 @@ def _extract_split(
             log.warning("discarding the interrupted extraction in %s: %s; starting over", journal.dir, exc)
             journal.discard()
             state = None
-    bb: Backbone | None = None
+    runner: _Runner | None = None
     if state is None or len(state.chunks) < journal.n_chunks:
-        bb = get_backbone()
-        emb = bb.embedder(layer, precision).to_dict()
-        if state is not None and journal.header.get("cache_attrs", {}).get("embedder") != _norm_json(emb):
+        runner = get_runner(settings)
+        emb = runner.embedder
+        requested["runtime"] = runner.runtime  # ``auto`` may have fallen back to PyTorch
+        if state is not None and journal.header.get("runtime", "torch") != runner.runtime:
+            log.warning(
+                "discarding the interrupted extraction in %s: it was made with %s, this run uses %s; starting over",
+                journal.dir,
+                journal.header.get("runtime", "torch"),
+                runner.runtime,
+            )
+            journal.discard()
+            state = None
+        elif state is not None and journal.header.get("cache_attrs", {}).get("embedder") != _norm_json(emb):
             log.warning("discarding the interrupted extraction in %s: the model resolves differently now", journal.dir)
             journal.discard()
             state = None
@@ -485,7 +546,7 @@ def _extract_split(
             bs = settings.batch_size or default_batch_size(dev)
             workers = runtime.default_num_workers() if settings.num_workers is None else settings.num_workers
             n_flight, knob = images_in_flight(dev, settings.with_(batch_size=bs, num_workers=workers))
-            check_forward_memory(n_flight, bb.preprocessing.input_size, dev, knob)  # before the journal exists
+            check_forward_memory(n_flight, runner.preprocessing.input_size, dev, knob)  # before the journal exists
             cache_attrs = {
                 "key": spec.key(),
                 "embedder": emb,
@@ -500,6 +561,8 @@ def _extract_split(
                 "chunk_rows": chunk_rows_for(bs),
                 "channels_last": bool(settings.channels_last),
                 "dtype": "float16" if precision == "fp16" else "float32",
+                "runtime": runner.runtime,  # which runtime computed the rows (numbers agree within onnx_export.TOLERANCE)
+                **({"onnx": runner.onnx} if runner.onnx else {}),
             }
             journal.create(
                 {
@@ -522,12 +585,12 @@ def _extract_split(
     cache_attrs = dict(journal.header["cache_attrs"])
     dtype = np.float16 if cache_attrs.get("dtype") == "float16" else np.float32
     computed = 0
-    if bb is not None:
+    if runner is not None:
         computed = _compute_missing(
             split,
             journal,
             state,
-            bb,
+            runner,
             layer=layer,
             precision=precision,
             dev=dev,
@@ -588,7 +651,7 @@ def _compute_missing(
     split: Split,
     journal: CacheJournal,
     state: Any,
-    bb: Backbone,
+    runner: _Runner,
     *,
     layer: str,
     precision: str,
@@ -603,9 +666,10 @@ def _compute_missing(
     h = journal.header
     bs, chunk_rows = int(h["batch_size"]), journal.chunk_rows
     workers = runtime.default_num_workers() if settings.num_workers is None else settings.num_workers
-    runtime.configure_threads(workers, dev)
+    if runner.runtime == "torch":
+        runtime.configure_threads(workers, dev)
     run = settings.with_(device=str(dev), batch_size=bs, num_workers=workers, channels_last=bool(h.get("channels_last", True)))
-    model = bb.feature_model(layer)
+    model = runner.model
     missing = [i for i in range(journal.n_chunks) if i not in state.chunks]
     runs: list[tuple[int, int]] = []  # [first chunk, last chunk] of each contiguous run
     for i in missing:
@@ -624,7 +688,7 @@ def _compute_missing(
             t_chunk = time.perf_counter()
             for b in iter_features(
                 model,
-                bb.preprocessing,
+                runner.preprocessing,
                 split.root,
                 split.paths[lo:hi],
                 split.labels[lo:hi],
@@ -685,21 +749,30 @@ def _retry_failures(
     split: Split,
     spec: CacheSpec,
     rows: list[int],
-    get_backbone: Callable[[], Backbone],
+    get_runner: Callable[[InferenceSettings], _Runner],
     *,
     settings: InferenceSettings,
     progress: bool,
 ) -> ExtractResult:
     """A complete cache holds failures that may have gone away (a permission, an I/O error): compute exactly
-    those rows again (with the cache's batch size and memory format) and rewrite the cache (atomically, like any
-    cache write)."""
+    those rows again (with the cache's batch size, memory format and runtime: a cache never mixes rows of two
+    runtimes) and rewrite the cache (atomically, like any cache write)."""
     t0 = time.perf_counter()
-    layer, precision = spec.embedder.layer, spec.embedder.precision
-    dev = runtime.resolve_device(settings.device)
+    precision = spec.embedder.precision
+    made_by = str(read_cache_attrs(hit).get("runtime", "torch"))
+    try:
+        runner = get_runner(settings.with_(runtime=made_by))
+    except FeatxError as exc:  # that runtime cannot run here now: keep the cache as it is
+        log.warning(
+            "%s: not re-trying %d earlier failure(s): the cache was made with %s (%s)", split.name, len(rows), made_by, exc
+        )
+        a = read_cache_attrs(hit)
+        return ExtractResult(split.name, hit, spec.key(), True, int(a["n_images"]), int(a["n_failed"]), 0.0, 0.0)
+    dev = runtime.CpuDevice() if runner.runtime == "onnxruntime" else runtime.resolve_device(settings.device)
     runtime.check_precision(precision, dev)
-    bb = get_backbone()
     workers = runtime.default_num_workers() if settings.num_workers is None else settings.num_workers
-    runtime.configure_threads(workers, dev)
+    if runner.runtime == "torch":
+        runtime.configure_threads(workers, dev)
     with CacheReader(hit) as reader:
         bs = int(reader.attrs.get("batch_size") or settings.batch_size or default_batch_size(dev))
         run = settings.with_(
@@ -712,8 +785,8 @@ def _retry_failures(
         new_feats: dict[int, np.ndarray] = {}
         new_errors: dict[int, str] = {}
         for b in iter_features(
-            bb.feature_model(layer),
-            bb.preprocessing,
+            runner.model,
+            runner.preprocessing,
             split.root,
             [split.paths[i] for i in idx],
             split.labels[idx],

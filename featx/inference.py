@@ -45,9 +45,10 @@ from typing import Any
 import numpy as np
 
 from featx import runtime
-from featx.backbones import POOLED, Backbone, Preprocessing
+from featx.backbones import POOLED, Backbone, EmbedderSpec, Preprocessing
 from featx.data import ImageFiles
 from featx.errors import UsageError
+from featx.onnx_export import OnnxUnusable, OrtFeatures, ort_features, planned_runtime, unusable
 from featx.runtime import OPTIMIZE_MODES, InferenceSettings
 
 log = logging.getLogger(__name__)
@@ -338,14 +339,19 @@ def uint8_transform(preprocessing: Preprocessing) -> Callable[[Any], np.ndarray]
 class _Collate:
     """Stack ``ImageFiles`` items into ``(uint8 (B, H, W, 3), labels, positions, errors)``; failed rows are zeros."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, *, as_numpy: bool = False) -> None:
         self.size = size
+        self.as_numpy = as_numpy  # ONNX Runtime: a numpy batch, torch never imported
 
     def __call__(self, items: Sequence[tuple[Any, int, int, str]]) -> tuple[Any, np.ndarray, np.ndarray, list[str]]:
-        import torch
+        if self.as_numpy:
+            arr = np.zeros((len(items), self.size, self.size, 3), dtype=np.uint8)
+            out: Any = arr
+        else:
+            import torch
 
-        out = torch.zeros((len(items), self.size, self.size, 3), dtype=torch.uint8)
-        arr = out.numpy()
+            out = torch.zeros((len(items), self.size, self.size, 3), dtype=torch.uint8)
+            arr = out.numpy()
         errors = []
         for k, (image, _lab, _pos, err) in enumerate(items):
             if not err:
@@ -539,7 +545,15 @@ def iter_features(
 
     ``jpeg_draft``: let JPEGs decode at a reduced DCT scale when they are at least twice the resize size
     (faster on large photos; changes the numbers slightly, so off unless asked for).
+
+    ``model`` may also be a checked ONNX export (:class:`featx.onnx_export.OrtFeatures`): ONNX Runtime then runs the
+    forward (see :func:`_iter_features_ort`) and torch is not imported.
     """
+    if isinstance(model, OrtFeatures):
+        yield from _iter_features_ort(
+            model, preprocessing, root, paths, labels, settings=settings, progress=progress, desc=desc, profile=profile
+        )
+        return
     import torch
 
     t_start = time.perf_counter()
@@ -584,6 +598,7 @@ def iter_features(
             "decode_threads": decode_threads() if decode in ("threads", "gpu") else 0,
             "streams": n_streams if decode == "streams" else 0,
             "micro_batch": micro if decode == "streams" else batch_size,
+            "runtime": "torch",
             "torch_threads": 1 if decode == "streams" else torch.get_num_threads(),
             "channels_last": channels_last,
             "jpeg_draft": draft,
@@ -601,27 +616,108 @@ def iter_features(
         results = _streams(files, collate, batch_size, n_streams, micro, forward)
     else:
         results = _decode_then_forward(files, collate, preprocessing, device, batch_size, num_workers, decode, forward)
+    with torch.inference_mode():
+        yield from _consume(results, bar, profile)
+
+
+def _consume(results: Iterator[_Result], bar: Any, profile: StageTimes | None) -> Iterator[Batch]:
+    """Yield the finished batches of ``results`` in order, with the progress bar and the stage times."""
     try:
-        with torch.inference_mode():
-            while True:
-                t0 = time.perf_counter()
-                try:
-                    pos, out, labs, errors, t_dec, t_fwd = next(results)
-                except StopIteration:
-                    break
-                t1 = time.perf_counter()
-                yield Batch(pos, out, labs, list(errors))
-                bar.update(len(pos))
-                if profile is not None:
-                    profile.decode += t_dec
-                    profile.forward += t_fwd
-                    profile.wait += t1 - t0
-                    profile.consumer += time.perf_counter() - t1
-                    profile.images += len(pos)
-                    profile.batches += 1
+        while True:
+            t0 = time.perf_counter()
+            try:
+                pos, out, labs, errors, t_dec, t_fwd = next(results)
+            except StopIteration:
+                break
+            t1 = time.perf_counter()
+            yield Batch(pos, out, labs, list(errors))
+            bar.update(len(pos))
+            if profile is not None:
+                profile.decode += t_dec
+                profile.forward += t_fwd
+                profile.wait += t1 - t0
+                profile.consumer += time.perf_counter() - t1
+                profile.images += len(pos)
+                profile.batches += 1
     finally:
         bar.close()
         results.close()
+
+
+#: The ONNX Runtime layout on the CPU when ``decode`` is ``auto`` (measured on 2 cores,
+#: benchmarks/results/bench_extract.md): ``streams`` (one stream per core: decode, then a one-thread session run on
+#: that core) or ``threads`` (decode in a pool between session runs that use every core).
+ORT_DEFAULT_DECODE = "streams"
+
+
+def _iter_features_ort(
+    model: OrtFeatures,
+    preprocessing: Preprocessing,
+    root: str | Path,
+    paths: Sequence[str],
+    labels: Sequence[int] | np.ndarray | None,
+    *,
+    settings: InferenceSettings,
+    progress: bool,
+    desc: str,
+    profile: StageTimes | None,
+) -> Iterator[Batch]:
+    """:func:`iter_features` with ONNX Runtime on the CPU, torch-free: decoding as for PyTorch (uint8 crops, the
+    graph normalises), laid out as ``streams`` (each core decodes and runs a one-thread session: the default,
+    :data:`ORT_DEFAULT_DECODE`) or ``threads`` (a decode pool between runs of a session with one thread per core)."""
+    t_start = time.perf_counter()
+    if runtime.device_type(settings.device) != "cpu":
+        raise UsageError("ONNX Runtime runs on the CPU in featx: use --device cpu, or --runtime torch on CUDA")
+    device = runtime.CpuDevice()
+    batch_size = settings.batch_size or default_batch_size(device)
+    decode = ORT_DEFAULT_DECODE if settings.decode == "auto" else settings.decode
+    if decode not in ("streams", "threads"):
+        raise UsageError(f"--decode {decode} needs --runtime torch (ONNX Runtime decodes in streams or threads)")
+    if model.preprocessing != preprocessing:
+        raise UsageError("internal: the ONNX export was made for another preprocessing")
+    n_streams, micro = stream_layout(device, batch_size, settings.streams, settings.micro_batch)
+    threads = 1 if decode == "streams" else runtime.usable_cores()
+    size = preprocessing.input_size
+    files = ImageFiles(
+        root,
+        paths,
+        labels,
+        uint8_transform(preprocessing),
+        draft_size=preprocessing.resize_size if settings.jpeg_draft else None,
+        failed_shape=(size, size, 3),
+    )
+    collate = _Collate(size, as_numpy=True)
+    if decode == "streams":
+        check_forward_memory(n_streams * micro, size, device, "the streams x micro-batch (FEATX_STREAMS, FEATX_MICRO_BATCH)")
+    else:
+        check_forward_memory(batch_size, size, device)
+    model.session(threads)  # created (graph optimised) before the first batch
+    if profile is not None:
+        profile.prepare += time.perf_counter() - t_start
+        profile.plan = {
+            "runtime": "onnxruntime",
+            "decode": decode,
+            "optimize": "onnxruntime",
+            "batch_size": batch_size,
+            "num_workers": 0,
+            "decode_threads": decode_threads() if decode == "threads" else 0,
+            "streams": n_streams if decode == "streams" else 0,
+            "micro_batch": micro if decode == "streams" else batch_size,
+            "ort_threads": threads,
+            "channels_last": False,
+            "jpeg_draft": settings.jpeg_draft,
+            "device": "cpu",
+        }
+    bar = runtime.progress_bar(None, total=len(files), desc=desc, enabled=progress)
+
+    def forward(images: np.ndarray) -> np.ndarray:
+        return model.run(images, threads)
+
+    if decode == "streams":
+        results = _streams(files, collate, batch_size, n_streams, micro, forward, use_torch=False)
+    else:
+        results = _decode_then_forward(files, collate, preprocessing, device, batch_size, 0, "threads", forward)
+    yield from _consume(results, bar, profile)
 
 
 _Result = tuple[np.ndarray, np.ndarray, np.ndarray, list[str], float, float]  # pos, features, labels, errors, decode s, forward s
@@ -656,7 +752,14 @@ def _decode_then_forward(
 
 
 def _streams(
-    files: ImageFiles, collate: _Collate, batch_size: int, n_streams: int, micro: int, forward: Callable[[Any], np.ndarray]
+    files: ImageFiles,
+    collate: _Collate,
+    batch_size: int,
+    n_streams: int,
+    micro: int,
+    forward: Callable[[Any], np.ndarray],
+    *,
+    use_torch: bool = True,
 ) -> Iterator[_Result]:
     """Batches decoded and forwarded by ``n_streams`` worker threads, one core each (torch intra-op threads are 1
     while this runs and restored after), yielded in order. The unit of work is one micro-batch (decode its images,
@@ -664,20 +767,27 @@ def _streams(
     one micro-batch, not one batch); two batches are in flight, so no stream waits while the caller works."""
     from concurrent.futures import Future, ThreadPoolExecutor
 
-    import torch
-
     n = len(files)
     ranges = [range(lo, min(lo + batch_size, n)) for lo in range(0, n, batch_size)]
+    if use_torch:
+        import torch
+
+        mode: Callable[[], Any] = torch.inference_mode
+    else:  # ONNX Runtime (one intra-op thread per session run: it runs on the calling stream's thread)
+        import contextlib
+
+        mode = contextlib.nullcontext
 
     def work(idx: range) -> _Result:
-        with torch.inference_mode():
+        with mode():
             t0 = time.perf_counter()
             images, labs, pos, errors = collate([files[i] for i in idx])
             t1 = time.perf_counter()
             return pos, forward(images), labs, errors, t1 - t0, time.perf_counter() - t1
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    if use_torch:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
     pool = ThreadPoolExecutor(max_workers=n_streams, thread_name_prefix="featx-stream")
     pending: deque[list[Future[_Result]]] = deque()
     it = iter(ranges)
@@ -701,7 +811,8 @@ def _streams(
             )
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        torch.set_num_threads(threads)
+        if use_torch:
+            torch.set_num_threads(threads)
 
 
 def _batches(
@@ -768,6 +879,42 @@ def _batches(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+#: Checked exports made in this process, per torch model object (the transformer and prediction export once).
+_ORT_MODELS: weakref.WeakKeyDictionary[Any, dict[tuple[str, ...], OrtFeatures]] = weakref.WeakKeyDictionary()
+
+
+def export_source(backbone: Backbone, layer: str) -> tuple[Any, list[str]]:
+    """(torch module, tapped layers) that an ONNX export of ``backbone.feature_model(layer)`` computes: the network
+    and ``[layer]``, or for a multi-layer model (:meth:`~featx.backbones.Backbone.multi_layer_model`, the layer-wise
+    probe) the network under it and every tap, each an output of the one graph."""
+    taps = getattr(backbone.model, "_taps", None)
+    if taps is not None and layer == POOLED:
+        return backbone.model.model, [name for name, _ in taps]
+    return backbone.model, [layer]
+
+
+def select_model(
+    embedder: EmbedderSpec,
+    taps: Sequence[str],
+    *,
+    settings: InferenceSettings,
+    device_type: str,
+    store: Path | None,
+    build_export: Callable[[], tuple[Any, Preprocessing]],
+    torch_model: Callable[[], Any],
+) -> Any:
+    """What :func:`iter_features` runs: a checked ONNX export (:class:`~featx.onnx_export.OrtFeatures`) when the
+    settings' runtime resolves to ONNX Runtime here (:func:`~featx.onnx_export.planned_runtime`) and the export can be
+    had (ready in ``store``, or made from ``build_export()`` and checked), else ``torch_model()``. ``auto`` falls back
+    to PyTorch with a warning, an explicit ``onnxruntime`` raises a one-line :class:`UsageError`."""
+    if planned_runtime(settings, device_type, embedder.precision) == "onnxruntime":
+        try:
+            return ort_features(embedder, taps, store=store, build=build_export)
+        except OnnxUnusable as exc:
+            unusable(settings.runtime, str(exc))
+    return torch_model()
+
+
 def compute_features(
     backbone: Backbone,
     root: str | Path,
@@ -782,25 +929,57 @@ def compute_features(
     num_workers: int | None = None,
     optimize: str | None = None,
     decode: str | None = None,
+    onnx_dir: str | Path | None = None,
 ) -> tuple[np.ndarray, list[str]]:
     """Features of images in memory (no cache): ``(features (N, D) float32, errors)``.
 
     ``settings``: how the forward runs (default: :meth:`InferenceSettings.from_env`); ``device``, ``batch_size``,
     ``num_workers``, ``optimize`` and ``decode`` are a convenience that builds them (or must agree with them).
-    ``errors[i]`` is "" when image i decoded, else the reason (its feature row is zeros).
+    ``errors[i]`` is "" when image i decoded, else the reason (its feature row is zeros). With ONNX Runtime
+    (``settings.runtime``) the checked export is kept in ``onnx_dir`` when given (an existing folder, e.g. the cache
+    folder), else in memory for this process.
     """
     settings = runtime.inference_settings(
         settings, device=device, batch_size=batch_size, num_workers=num_workers, optimize=optimize, decode=decode
     )
-    dev = runtime.resolve_device(settings.device)
-    runtime.check_precision(precision, dev)
-    settings = resolve_settings(settings, dev)
-    assert settings.num_workers is not None  # resolved
-    runtime.configure_threads(settings.num_workers, dev)
+    dev_type = runtime.device_type(settings.device)
+    base, taps = export_source(backbone, layer)
+    store = Path(onnx_dir) if onnx_dir is not None and Path(onnx_dir).is_dir() else None
+
+    def from_memory() -> tuple[Any, Preprocessing]:
+        return base, backbone.preprocessing
+
+    def torch_model() -> Any:
+        return backbone.feature_model(layer)
+
+    memo = _ORT_MODELS.setdefault(base, {})
+    model = memo.get(tuple(taps)) if planned_runtime(settings, dev_type, precision) == "onnxruntime" else None
+    if model is None:
+        model = select_model(
+            backbone.embedder(layer, precision),
+            taps,
+            settings=settings,
+            device_type=dev_type,
+            store=store,
+            build_export=from_memory,
+            torch_model=torch_model,
+        )
+        if isinstance(model, OrtFeatures):
+            memo[tuple(taps)] = model
+    if isinstance(model, OrtFeatures):
+        dev: Any = runtime.CpuDevice()
+        runtime.check_precision(precision, dev)
+        settings = settings.with_(device="cpu")
+    else:
+        dev = runtime.resolve_device(settings.device)
+        runtime.check_precision(precision, dev)
+        settings = resolve_settings(settings, dev)
+        assert settings.num_workers is not None  # resolved
+        runtime.configure_threads(settings.num_workers, dev)
     out: np.ndarray | None = None
     errors: list[str] = [""] * len(paths)
     for b in iter_features(
-        backbone.feature_model(layer),
+        model,
         backbone.preprocessing,
         root,
         paths,

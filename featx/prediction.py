@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from featx.backbones import Backbone, EmbedderSpec, build_embedder
-from featx.cache import FeatureSet, load_cache
+from featx.cache import FeatureSet, load_cache, resolve_cache_dir
 from featx.data import list_images
 from featx.errors import DataError, MismatchError
 from featx.heads import FittedHead, load_head
@@ -100,12 +100,15 @@ def predict(
     device: str | None = None,
     batch_size: int | None = None,
     num_workers: int | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> Predictions:
     """Label images (files, folders, CSV with a ``path`` column) or the rows of a cache file.
 
     The images go through the head's own embedder; ``settings`` say how the forward runs (default:
     :meth:`InferenceSettings.from_env`; ``device``, ``batch_size``, ``num_workers`` are a convenience that builds
-    them). ``weights`` points at the head's weights file when it has moved (checked against the recorded sha256)."""
+    them). ``weights`` points at the head's weights file when it has moved (checked against the recorded sha256).
+    With ONNX Runtime (``settings.runtime``) the embedder's checked export is taken from, or kept in, the cache folder
+    (``cache_dir``, else ``$FEATX_CACHE_DIR`` or ``./cache``) when that folder exists; prediction never creates it."""
     from featx.inference import compute_features
 
     h = head if isinstance(head, FittedHead) else load_head(head)
@@ -127,6 +130,7 @@ def predict(
             precision=emb.precision,
             settings=settings,
             progress=progress,
+            onnx_dir=resolve_cache_dir(cache_dir),
         )
         ok = np.array([not e for e in errors])
         failures = [(str(root / p), e) for p, e in zip(rel, errors) if e]

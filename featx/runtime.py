@@ -18,6 +18,7 @@ from featx.errors import UsageError
 PRECISIONS = ("fp32", "fp16", "bf16")
 OPTIMIZE_MODES = ("auto", "none", "fold", "freeze", "compile")
 DECODE_MODES = ("auto", "streams", "threads", "processes", "gpu")
+RUNTIMES = ("auto", "torch", "onnxruntime")
 
 #: The environment variables that give an inference setting its default. They are read in one place,
 #: :meth:`InferenceSettings.from_env`, and featx never writes them.
@@ -27,6 +28,7 @@ SETTINGS_ENV = {
     "jpeg_draft": "FEATX_JPEG_DRAFT",
     "streams": "FEATX_STREAMS",
     "micro_batch": "FEATX_MICRO_BATCH",
+    "runtime": "FEATX_RUNTIME",
 }
 
 
@@ -50,6 +52,9 @@ class InferenceSettings:
     - ``decode``: ``streams``, ``threads``, ``processes`` or ``gpu``, see :func:`featx.inference.iter_features`.
     - ``jpeg_draft``: let large JPEGs decode at a reduced DCT scale (faster; changes the numbers slightly).
     - ``streams`` / ``micro_batch``: CPU streams and images per forward inside a stream (``decode="streams"``).
+    - ``runtime``: what runs the frozen forward: ``torch``, ``onnxruntime`` (the model exported once to ONNX, kept
+      next to the cache, checked against PyTorch's forward: :mod:`featx.onnx_export`) or ``auto`` (ONNX Runtime on
+      the CPU in fp32 when it is installed and the export passes its check, PyTorch otherwise and on CUDA).
 
     The settings never change which features a cache holds by key (that is the
     :class:`~featx.backbones.EmbedderSpec`, which also carries the precision); those that can change the float32
@@ -66,20 +71,23 @@ class InferenceSettings:
     jpeg_draft: bool = False
     streams: int | None = None
     micro_batch: int | None = None
+    runtime: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "device", str(self.device))  # torch.device("cuda", 0) -> "cuda:0"
         _check_choice("optimize", self.optimize, OPTIMIZE_MODES)
         _check_choice("decode", self.decode, DECODE_MODES)
+        _check_choice("runtime", self.runtime, RUNTIMES)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **given: Any) -> InferenceSettings:
         """``given`` settings (None: not given) over the documented environment defaults: ``FEATX_OPTIMIZE``,
-        ``FEATX_DECODE``, ``FEATX_JPEG_DRAFT`` (1/true/yes/on), ``FEATX_STREAMS``, ``FEATX_MICRO_BATCH`` (positive
-        integers), over the field defaults. The one place featx reads these variables (``environ``: os.environ)."""
+        ``FEATX_DECODE``, ``FEATX_RUNTIME``, ``FEATX_JPEG_DRAFT`` (1/true/yes/on), ``FEATX_STREAMS``,
+        ``FEATX_MICRO_BATCH`` (positive integers), over the field defaults.
+        The one place featx reads these variables (``environ``: os.environ)."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
-        for name in ("optimize", "decode"):
+        for name in ("optimize", "decode", "runtime"):
             raw = env.get(SETTINGS_ENV[name], "")
             if raw:
                 values[name] = raw
@@ -104,7 +112,9 @@ class InferenceSettings:
         """What an extraction journal records (and a resume compares): the settings that can change the float32
         rounding without being in the cache key, as text, "" where featx chooses. The device type, the batch
         size used and the memory format are recorded beside them, resolved; worker counts never change the
-        numbers. The same fields and text as the journals of featx before settings were a value."""
+        numbers. The same fields and text as the journals of featx before settings were a value. The runtime is not
+        here: a journal records the runtime that actually ran (``auto`` resolves per machine and model), see
+        :func:`featx.extraction.extract`."""
         return {
             "optimize": "" if self.optimize == "auto" else self.optimize,
             "decode": "" if self.decode == "auto" else self.decode,
@@ -127,6 +137,36 @@ def inference_settings(settings: InferenceSettings | None = None, **given: Any) 
     if clash:
         raise UsageError(f"give these either in settings= or as keywords, not both with other values: {', '.join(clash)}")
     return settings
+
+
+class CpuDevice:
+    """The CPU as a device without importing torch (``.type == "cpu"``, ``str()`` "cpu"): what the ONNX Runtime
+    path of extraction needs of a device. :func:`resolve_device` gives ``torch.device`` objects."""
+
+    type = "cpu"
+    index = None
+
+    def __str__(self) -> str:
+        return "cpu"
+
+    def __repr__(self) -> str:
+        return "CpuDevice()"
+
+
+def _cuda_impossible() -> bool:
+    """True when this machine certainly has no CUDA device (Linux, no NVIDIA device node and no driver): then ``auto``
+    is the CPU without importing torch (~1-2 s of start-up). Elsewhere torch is asked."""
+    if not sys.platform.startswith("linux"):
+        return False
+    return not (os.path.exists("/dev/nvidia0") or os.path.exists("/proc/driver/nvidia") or os.path.exists("/dev/nvidiactl"))
+
+
+def device_type(device: str = "auto") -> str:
+    """``cpu`` or ``cuda`` for a device setting, importing torch only when CUDA may be there (``auto`` on a machine
+    with an NVIDIA driver, or ``cuda[:N]``, which :func:`resolve_device` checks)."""
+    if device == "cpu" or (device == "auto" and _cuda_impossible()):
+        return "cpu"
+    return resolve_device(device).type
 
 
 def resolve_device(device: str = "auto") -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,11 @@ import pytest
 from PIL import Image
 
 from featx.data import SAMPLE_DATASET
+
+# The suite was written for the PyTorch runtime and asserts exact cache-folder contents; ``auto`` would add the checked
+# ``.onnx`` export there. Pin the default runtime for the tests (and their featx subprocesses); ONNX Runtime is tested
+# explicitly in tests/test_onnx_runtime.py.
+os.environ.setdefault("FEATX_RUNTIME", "torch")
 
 COLOURS = [(200, 40, 40), (40, 180, 60), (40, 60, 200)]
 

@@ -15,6 +15,7 @@ LAYERS = [
     "records",
     "data",
     "backbones",
+    "onnx_export",
     "cache",
     "inference",
     "extraction",
