@@ -61,7 +61,7 @@ import numpy as np
 
 from featx import __version__
 from featx.backbones import EmbedderSpec
-from featx.data import RowSelection
+from featx.data import RowSelection, plain_file_problem
 from featx.errors import CacheError
 from featx.onnx_export import onnx_damage, onnx_file_problem, onnx_manifest
 
@@ -184,23 +184,6 @@ def _rm_command(path: Path) -> str:
     return f"rm {'-r ' if is_dir else ''}-- {shlex.quote(str(path))}"
 
 
-def _plain_file_problem(p: Path) -> str | None:
-    """None for a regular file (never a symbolic link, folder, FIFO, ...); else what it is."""
-    try:
-        st = os.lstat(p)
-    except FileNotFoundError:
-        return "it does not exist"
-    except OSError as exc:
-        return f"it cannot be examined: {exc.strerror or exc}"
-    if stat.S_ISLNK(st.st_mode):
-        return "it is a symbolic link"
-    if stat.S_ISDIR(st.st_mode):
-        return "it is a folder"
-    if not stat.S_ISREG(st.st_mode):
-        return "it is not a regular file"
-    return None
-
-
 def _stored_key(p: Path) -> tuple[str | None, str]:
     """(the key in the featx attributes of HDF5 file ``p``, "") or (None, why there is none). Never raises."""
     try:
@@ -226,7 +209,7 @@ def cache_file_problem(path: str | os.PathLike[str]) -> str | None:
     m = _NAME_RE.match(p.name)
     if not m or m["ext"] != ".h5":
         return "not a featx cache name (<dataset>-<split>-<backbone>-<layer>-<20-hex key>.h5)"
-    why = _plain_file_problem(p)
+    why = plain_file_problem(p)
     if why:
         return why
     stored, why = _stored_key(p)
@@ -246,7 +229,7 @@ def prove_cache_file(path: str | os.PathLike[str]) -> str:
 
 
 def _journal_header_problem(p: Path, key: str) -> str | None:
-    why = _plain_file_problem(p)
+    why = plain_file_problem(p)
     if why:
         return f"journal.json: {why}"
     try:
@@ -281,7 +264,7 @@ def journal_problem(path: str | os.PathLike[str]) -> str | None:
             return f"a file, not a journal folder ({why})"
         return None if stored == m["key"] else f"a file holding the cache of key {stored}, not {m['key']}"
     if not stat.S_ISDIR(st.st_mode):
-        return _plain_file_problem(p) or "not a folder"
+        return plain_file_problem(p) or "not a folder"
     names = []
     try:
         entries = list(os.scandir(p))
@@ -307,7 +290,7 @@ def _assembly_problem(p: Path, companion_ours: bool) -> str | None:
     m = _NAME_RE.match(p.name)
     if not m or m["ext"] != ".h5.tmp":
         return "not a featx assembly file name (<...>-<key>.h5.tmp)"
-    why = _plain_file_problem(p)
+    why = plain_file_problem(p)
     if why or companion_ours:
         return why
     stored, why = _stored_key(p)
@@ -343,7 +326,7 @@ def _lock_file_problem(p: Path) -> str | None:
     """None for featx's lock file: a regular file in a real ``.locks`` folder holding nothing or a pid."""
     if not _LOCK_RE.match(p.name) or p.parent.name != LOCK_DIR or p.parent.is_symlink():
         return "not a featx lock file"
-    why = _plain_file_problem(p)
+    why = plain_file_problem(p)
     if why:
         return why
     try:
@@ -742,7 +725,7 @@ class CacheJournal:
         for p in sorted(self.dir.iterdir()):
             if p.name == "journal.json":
                 continue
-            own = bool(_CHUNK_RE.match(p.name) or _JOURNAL_TMP_RE.match(p.name)) and _plain_file_problem(p) is None
+            own = bool(_CHUNK_RE.match(p.name) or _JOURNAL_TMP_RE.match(p.name)) and plain_file_problem(p) is None
             if not own:  # never deleted: the folder is not provably featx's any more
                 raise NotFeatxError(self.dir, f"it holds {p.name}, which featx did not write")
             if not _CHUNK_RE.match(p.name):  # a temporary file left by a kill mid-write

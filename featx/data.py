@@ -371,6 +371,24 @@ def _load_csv(csv_path: Path, *, allow_outside_root: bool = False) -> ImageDatas
     return ImageDataset(root, csv_path.stem, classes, splits, "csv", ignored, notes)
 
 
+def plain_file_problem(p: Path) -> str | None:
+    """The proof every featx delete starts with: None for a regular file (never a symbolic link, folder, FIFO,
+    ...); else what it is."""
+    try:
+        st = os.lstat(p)
+    except FileNotFoundError:
+        return "it does not exist"
+    except OSError as exc:
+        return f"it cannot be examined: {exc.strerror or exc}"
+    if stat.S_ISLNK(st.st_mode):
+        return "it is a symbolic link"
+    if stat.S_ISDIR(st.st_mode):
+        return "it is a folder"
+    if not stat.S_ISREG(st.st_mode):
+        return "it is not a regular file"
+    return None
+
+
 def is_within(path: str | os.PathLike[str], folder: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is ``folder`` or lies inside it, symlinks resolved on both sides (the part of ``path`` that
     does not exist yet is taken as written). Also true when an existing ancestor of ``path`` *is* ``folder``

@@ -48,7 +48,6 @@ import json
 import logging
 import os
 import re
-import stat
 import threading
 import time
 import warnings
@@ -60,6 +59,7 @@ from typing import Any
 import numpy as np
 
 from featx.backbones import POOLED, EmbedderSpec, Preprocessing
+from featx.data import plain_file_problem
 from featx.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -280,20 +280,6 @@ def _read_parsed(p: Path) -> tuple[_Parsed | None, str]:
         return None, f"no featx manifest at its end ({exc}; truncated, or not written by featx)"
 
 
-def _plain_file_problem(p: Path) -> str | None:
-    try:
-        st = os.lstat(p)
-    except FileNotFoundError:
-        return "it does not exist"
-    except OSError as exc:
-        return f"it cannot be examined: {exc.strerror or exc}"
-    if stat.S_ISLNK(st.st_mode):
-        return "it is a symbolic link"
-    if not stat.S_ISREG(st.st_mode):
-        return "it is not a regular file"
-    return None
-
-
 def onnx_file_problem(path: str | os.PathLike[str]) -> str | None:
     """None when ``path`` is provably an ``.onnx`` featx wrote for the key of its name (a regular file named
     ``<...>-<key>.onnx`` ending in featx's manifest and trailer for that key); else why not. The digest is not checked
@@ -302,7 +288,7 @@ def onnx_file_problem(path: str | os.PathLike[str]) -> str | None:
     m = _ONNX_NAME_RE.match(p.name)
     if not m:
         return "not a featx ONNX name (<backbone>-<layers>-<20-hex key>.onnx)"
-    why = _plain_file_problem(p)
+    why = plain_file_problem(p)
     if why:
         return why
     parsed, why = _read_parsed(p)
