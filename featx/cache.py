@@ -61,7 +61,7 @@ import numpy as np
 
 from featx import __version__
 from featx.backbones import EmbedderSpec
-from featx.data import RowSelection, plain_file_problem
+from featx.data import RowSelection, keyed_file_problem, plain_file_problem
 from featx.errors import CacheError
 from featx.onnx_export import onnx_damage, onnx_file_problem, onnx_manifest
 
@@ -207,17 +207,9 @@ def cache_file_problem(path: str | os.PathLike[str]) -> str | None:
     and that same key. Otherwise why not. Damaged data does not matter here (see :func:`verify_caches`)."""
     p = Path(path)
     m = _NAME_RE.match(p.name)
-    if not m or m["ext"] != ".h5":
-        return "not a featx cache name (<dataset>-<split>-<backbone>-<layer>-<20-hex key>.h5)"
-    why = plain_file_problem(p)
-    if why:
-        return why
-    stored, why = _stored_key(p)
-    if stored is None:
-        return why
-    if stored != m["key"]:
-        return f"it holds the cache of key {stored}, not the {m['key']} of its name: copied or renamed"
-    return None
+    key = m["key"] if m and m["ext"] == ".h5" else None
+    name_help = "cache name (<dataset>-<split>-<backbone>-<layer>-<20-hex key>.h5)"
+    return keyed_file_problem(p, key, name_help, _stored_key, "the cache")
 
 
 def prove_cache_file(path: str | os.PathLike[str]) -> str:

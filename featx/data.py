@@ -389,6 +389,25 @@ def plain_file_problem(p: Path) -> str | None:
     return None
 
 
+def keyed_file_problem(
+    p: Path, key: str | None, name_help: str, read_key: Callable[[Path], tuple[str | None, str]], holds: str
+) -> str | None:
+    """The proof that ``p`` is the featx file its name says: ``key`` is the key its name carries (None: not a featx
+    name, ``name_help`` says the pattern), then a regular file, then ``read_key(p)`` finds that same key inside
+    (``holds`` names what it holds: "the cache", "the export"). None when proven, else why not."""
+    if key is None:
+        return f"not a featx {name_help}"
+    why = plain_file_problem(p)
+    if why:
+        return why
+    stored, why = read_key(p)
+    if stored is None:
+        return why
+    if stored != key:
+        return f"it holds {holds} of key {stored}, not the {key} of its name: copied or renamed"
+    return None
+
+
 def is_within(path: str | os.PathLike[str], folder: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is ``folder`` or lies inside it, symlinks resolved on both sides (the part of ``path`` that
     does not exist yet is taken as written). Also true when an existing ancestor of ``path`` *is* ``folder``

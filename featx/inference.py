@@ -570,16 +570,8 @@ def iter_features(
     if decode == "streams" and cuda:
         raise UsageError("decode 'streams' is for the CPU (on CUDA use threads, processes or gpu)")
     n_streams, micro = stream_layout(device, batch_size, settings.streams, settings.micro_batch)
-    draft = settings.jpeg_draft
     size = preprocessing.input_size
-    files = ImageFiles(
-        root,
-        paths,
-        labels,
-        uint8_transform(preprocessing),
-        draft_size=preprocessing.resize_size if draft else None,
-        failed_shape=(size, size, 3),
-    )
+    files = _image_files(preprocessing, root, paths, labels, settings)
     collate = _Collate(size)
     n_flight, knob = images_in_flight(device, settings)
     check_forward_memory(n_flight, size, device, knob)
@@ -601,7 +593,7 @@ def iter_features(
             "runtime": "torch",
             "torch_threads": 1 if decode == "streams" else torch.get_num_threads(),
             "channels_last": channels_last,
-            "jpeg_draft": draft,
+            "jpeg_draft": settings.jpeg_draft,
             "device": str(device),
         }
     bar = runtime.progress_bar(None, total=len(files), desc=desc, enabled=progress)
@@ -647,6 +639,21 @@ def _consume(results: Iterator[_Result], bar: Any, profile: StageTimes | None) -
 #: The ONNX Runtime layout on the CPU when ``decode`` is ``auto`` (measured on 2 cores,
 #: benchmarks/results/bench_extract.md): ``streams`` (one stream per core: decode, then a one-thread session run on
 #: that core) or ``threads`` (decode in a pool between session runs that use every core).
+def _image_files(
+    preprocessing: Preprocessing, root: str | Path, paths: Sequence[str], labels: Any, settings: InferenceSettings
+) -> ImageFiles:
+    """The images as uint8 crops of the model's input size (both runtimes normalise on their side of the forward)."""
+    size = preprocessing.input_size
+    return ImageFiles(
+        root,
+        paths,
+        labels,
+        uint8_transform(preprocessing),
+        draft_size=preprocessing.resize_size if settings.jpeg_draft else None,
+        failed_shape=(size, size, 3),
+    )
+
+
 ORT_DEFAULT_DECODE = "streams"
 
 
@@ -678,14 +685,7 @@ def _iter_features_ort(
     n_streams, micro = stream_layout(device, batch_size, settings.streams, settings.micro_batch)
     threads = 1 if decode == "streams" else runtime.usable_cores()
     size = preprocessing.input_size
-    files = ImageFiles(
-        root,
-        paths,
-        labels,
-        uint8_transform(preprocessing),
-        draft_size=preprocessing.resize_size if settings.jpeg_draft else None,
-        failed_shape=(size, size, 3),
-    )
+    files = _image_files(preprocessing, root, paths, labels, settings)
     collate = _Collate(size, as_numpy=True)
     if decode == "streams":
         check_forward_memory(n_streams * micro, size, device, "the streams x micro-batch (FEATX_STREAMS, FEATX_MICRO_BATCH)")

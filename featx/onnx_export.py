@@ -59,7 +59,7 @@ from typing import Any
 import numpy as np
 
 from featx.backbones import POOLED, EmbedderSpec, Preprocessing
-from featx.data import plain_file_problem
+from featx.data import keyed_file_problem
 from featx.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -286,17 +286,13 @@ def onnx_file_problem(path: str | os.PathLike[str]) -> str | None:
     here (:func:`onnx_damage`): a damaged file of featx's is still featx's to replace or delete."""
     p = Path(path)
     m = _ONNX_NAME_RE.match(p.name)
-    if not m:
-        return "not a featx ONNX name (<backbone>-<layers>-<20-hex key>.onnx)"
-    why = plain_file_problem(p)
-    if why:
-        return why
+    name_help = "ONNX name (<backbone>-<layers>-<20-hex key>.onnx)"
+    return keyed_file_problem(p, m["key"] if m else None, name_help, _manifest_key, "the export")
+
+
+def _manifest_key(p: Path) -> tuple[str | None, str]:
     parsed, why = _read_parsed(p)
-    if parsed is None:
-        return why
-    if parsed.manifest.get("key") != m["key"]:
-        return f"it holds the export of key {parsed.manifest.get('key')}, not the {m['key']} of its name: copied or renamed"
-    return None
+    return (None, why) if parsed is None else (parsed.manifest.get("key"), "")
 
 
 def onnx_damage(path: str | os.PathLike[str]) -> str | None:
