@@ -59,7 +59,7 @@ from typing import Any
 
 import numpy as np
 
-from featx import __version__
+from featx import __version__, failpoints
 from featx.backbones import EmbedderSpec
 from featx.data import RowSelection, keyed_file_problem, plain_file_problem
 from featx.errors import CacheError
@@ -786,6 +786,7 @@ class CacheJournal:
         data = buf.getvalue()
         path = self.dir / f"chunk-{chunk.index:09d}-{hashlib.sha256(data).hexdigest()[:16]}.npz"
         write_file_atomic(path, data)
+        failpoints.hit("journal.chunk_written")
         return path
 
     def done_rows(self, chunks: Iterable[int]) -> int:

@@ -195,15 +195,17 @@ def find_caches(
 # Locks and signals
 
 
-_SIGTERM_HANDLER: list[Any] = []  # our handler while one is installed
+_SIGNAL_HANDLER: list[Any] = []  # our handler while one is installed
+_PENDING: list[int] = []  # signals our handler received during this extraction
 
 
 def _after_fork_in_child() -> None:
-    """A forked DataLoader worker must not keep our SIGTERM handler (workers are stopped with SIGTERM); the key
-    lock's descriptors are closed by featx.cache's own fork handler."""
-    if _SIGTERM_HANDLER:
+    """A forked DataLoader worker must not keep our handlers (workers are stopped with SIGTERM, and Ctrl-C is for
+    the main process); the key lock's descriptors are closed by featx.cache's own fork handler."""
+    if _SIGNAL_HANDLER:
         with contextlib.suppress(Exception):
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 if hasattr(os, "register_at_fork"):
@@ -214,27 +216,48 @@ class _Terminated(BaseException):
     """Raised in the main thread by our SIGTERM handler."""
 
 
+def _signal_error(signum: int) -> BaseException:
+    return _Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _raise_pending() -> None:
+    """Raise again a SIGINT/SIGTERM whose exception was swallowed where it first landed.
+
+    Python runs a signal handler in whatever the main thread executes at that moment; when that is a finaliser or a
+    callback that ignores exceptions ("Exception ignored in ..."), the KeyboardInterrupt is lost and, without this
+    check, the run would go on to completion. Called after every batch, so an interrupt is never lost.
+    """
+    if _PENDING:
+        raise _signal_error(_PENDING[-1])
+
+
 @contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """While extracting, SIGTERM unwinds like Ctrl-C (the writer drains, the journal stays)."""
+def _signals_raise() -> Iterator[None]:
+    """While extracting, SIGINT and SIGTERM unwind (the writer drains, the journal stays), and are remembered."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, frame: Any) -> None:
-        raise _Terminated()
+        _PENDING.append(signum)
+        raise _signal_error(signum)
 
+    # A process started with SIGINT ignored (``nohup``, a background job of a script) keeps ignoring it.
+    ours = [s for s in (signal.SIGTERM, signal.SIGINT) if not (s == signal.SIGINT and signal.getsignal(s) == signal.SIG_IGN)]
     try:
-        old = signal.signal(signal.SIGTERM, handler)
+        old = {s: signal.signal(s, handler) for s in ours}
     except (ValueError, OSError):  # pragma: no cover
         yield
         return
-    _SIGTERM_HANDLER.append(handler)
+    _SIGNAL_HANDLER.append(handler)
+    _PENDING.clear()
     try:
         yield
     finally:
-        _SIGTERM_HANDLER.remove(handler)
-        signal.signal(signal.SIGTERM, old)
+        _SIGNAL_HANDLER.remove(handler)
+        _PENDING.clear()
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def _prepare_cache_dir(cdir: Path) -> None:
@@ -461,7 +484,7 @@ def _discard_quietly(journal: CacheJournal) -> None:
 def _with_interrupts(final: Path, split: Split, fn: Callable[[], ExtractResult]) -> ExtractResult:
     """Run ``fn`` turning SIGINT / SIGTERM into :class:`ExtractionInterrupted` (the journal is kept)."""
     try:
-        with _sigterm_raises():
+        with _signals_raise():
             return fn()
     except (KeyboardInterrupt, _Terminated) as exc:
         remove_assembly_file(final, strict=False)
@@ -697,6 +720,7 @@ def _compute_missing(
                 progress=progress,
                 desc=f"extract {split.name}",
             ):
+                _raise_pending()
                 rows = np.asarray(b.positions, dtype=np.int64) + lo
                 ci = int(rows[0]) // chunk_rows
                 start, stop = journal.chunk_range(ci)
@@ -739,6 +763,7 @@ def _compute_missing(
                 writer.close()
             finally:
                 state.chunks.update(writer.written)
+    _raise_pending()
     if len(state.chunks) != journal.n_chunks:
         raise CacheError(f"internal: {len(state.chunks)} of {journal.n_chunks} journal chunks after extraction")
     return computed

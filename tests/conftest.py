@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,11 @@ from featx.data import SAMPLE_DATASET
 # ``.onnx`` export there. Pin the default runtime for the tests (and their featx subprocesses); ONNX Runtime is tested
 # explicitly in tests/test_onnx_runtime.py.
 os.environ.setdefault("FEATX_RUNTIME", "torch")
+
+# A shell starts a background job (``pytest &``) with SIGINT ignored, and so is every featx process the tests spawn:
+# the Ctrl-C tests would then see their SIGINT ignored and the run complete. Give the suite Python's usual Ctrl-C.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 COLOURS = [(200, 40, 40), (40, 180, 60), (40, 60, 200)]
 

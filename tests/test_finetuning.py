@@ -7,15 +7,12 @@ with pretrained weights is marked slow.
 
 from __future__ import annotations
 
-import _thread
 import copy
 import json
 import logging
 import re
 import subprocess
 import sys
-import threading
-import time
 from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
@@ -153,37 +150,19 @@ def test_early_stopping_scores_test_with_best_weights(colours: Path, tmp_path: P
     assert res["metrics"]["accuracy"] == res["val_accuracy"]  # test was scored with the best weights
 
 
-def _interrupt_when_exists(path: Path, stop: threading.Event) -> threading.Thread:
-    """Ctrl-C for the main thread as soon as ``path`` appears (the first epoch's checkpoint).
-
-    Re-sent every 0.25 s until the test sets ``stop``: a simulated SIGINT that lands while the main thread runs
-    an exception-swallowing callback (a finaliser, a worker-shutdown hook) is lost, as a real Ctrl-C would be,
-    and a user would press it again.
-    """
-
-    def watch() -> None:
-        while not stop.is_set():
-            if path.exists():
-                _thread.interrupt_main()
-                stop.wait(0.25)
-                continue
-            time.sleep(0.002)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
+def _ctrl_c_after_checkpoints(monkeypatch: pytest.MonkeyPatch, n: int) -> None:
+    """A real SIGINT, sent by the run to itself once its ``n``-th checkpoint is durable (a failpoint: exact, no race)."""
+    monkeypatch.setenv("FEATX_FAILPOINTS", f"finetune.checkpoint_saved={n}:SIGINT")
 
 
-def test_resume_after_interrupt_matches_uninterrupted_run(colours: Path, tmp_path: Path) -> None:
+def test_resume_after_interrupt_matches_uninterrupted_run(colours: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = {"strategy": "full", "epochs": 3}
     whole = run(colours, tmp_path / "whole", **cfg)
 
-    stop = threading.Event()
-    watcher = _interrupt_when_exists(tmp_path / "cut" / "checkpoint.pt", stop)
+    _ctrl_c_after_checkpoints(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         run(colours, tmp_path / "cut", **cfg)
-    stop.set()
-    watcher.join()
+    monkeypatch.delenv("FEATX_FAILPOINTS")
     saved = load_ckpt(tmp_path / "cut")
     assert saved["epoch"] < 2  # really cut short
     assert not (tmp_path / "cut" / "result.json").exists()
@@ -430,16 +409,14 @@ def test_final_fit_retrains_on_train_plus_val_rows_for_the_chosen_epochs(colours
     assert train_only["n_fit"] == 24 and train_only["fit_rows"] == pos["train"] and train_only["final_history"] is None
 
 
-def test_final_fit_resumes_after_interrupt(colours: Path, tmp_path: Path) -> None:
+def test_final_fit_resumes_after_interrupt(colours: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = {"strategy": "full", "epochs": 3, "final_fit": "train+val"}
     whole = run(colours, tmp_path / "whole", **cfg)
     assert whole["final_epochs"] >= 2  # the refit has more than one epoch to be cut in
-    stop = threading.Event()
-    watcher = _interrupt_when_exists(tmp_path / "cut" / "final_checkpoint.pt", stop)
+    _ctrl_c_after_checkpoints(monkeypatch, whole["epochs_run"] + 1)  # one per selection epoch, then the refit's first
     with pytest.raises(KeyboardInterrupt):
         run(colours, tmp_path / "cut", **cfg)
-    stop.set()
-    watcher.join()
+    monkeypatch.delenv("FEATX_FAILPOINTS")
     saved = (
         load_ckpt(tmp_path / "cut").get("epoch"),
         torch.load(tmp_path / "cut" / "final_checkpoint.pt", weights_only=True)["epoch"],

@@ -151,10 +151,19 @@ def make_dataset(root: Path) -> Path:
     return data
 
 
-def spawn(cmd: list[str], log_dir: Path) -> tuple[subprocess.Popen[str], Path, Path]:
+def spawn(cmd: list[str], log_dir: Path, failpoint: str = "") -> tuple[subprocess.Popen[str], Path, Path]:
+    """Start ``cmd``; ``failpoint`` (``FEATX_FAILPOINTS`` syntax) makes the run signal itself at an exact step."""
     out, err = log_dir / "stdout", log_dir / "stderr"
-    proc = subprocess.Popen(cmd, stdout=out.open("w"), stderr=err.open("w"), text=True)
+    env = {**os.environ, "FEATX_FAILPOINTS": failpoint}
+    proc = subprocess.Popen(cmd, stdout=out.open("w"), stderr=err.open("w"), text=True, env=env)
     return proc, out, err
+
+
+def signal_after_chunks(cmd: list[str], log_dir: Path, n_chunks: int, signum: int) -> tuple[int, Path]:
+    """Run ``cmd`` and have it send itself ``signum`` as soon as its ``n_chunks``-th journal chunk is durable (a
+    failpoint inside the run: no race with a run that finishes first). Returns the exit code and the stderr file."""
+    proc, _out, err = spawn(cmd, log_dir, f"journal.chunk_written={n_chunks}:{signal.Signals(signum).name}")
+    return proc.wait(timeout=300), err
 
 
 def kill_at(
@@ -299,8 +308,7 @@ def interrupted(ref: Reference, tmp_path_factory: pytest.TempPathFactory) -> Int
     """SIGINT once two chunks are on disk; keep a copy of the partial it leaves."""
     root = tmp_path_factory.mktemp("sigint")
     cache = root / "cache"
-    proc, _out, err = spawn(featx_cmd(ref.data, cache), root)
-    rc = kill_at(proc, cache / ref.partial_name, 2, 0.0, signal.SIGINT)
+    rc, err = signal_after_chunks(featx_cmd(ref.data, cache), root, 2, signal.SIGINT)
     partial = cache / ref.partial_name
     assert partial.is_dir() and not (cache / ref.cache_name).exists(), f"SIGINT came too late: {landed(cache, ref)}"
     snapshot = root / "snapshot.partial"
@@ -403,8 +411,7 @@ def test_sigint_keeps_the_partial_and_the_rerun_resumes(ref: Reference, interrup
 @pytest.mark.slow
 def test_sigterm_keeps_the_partial_and_the_rerun_resumes(ref: Reference, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    proc, _, err = spawn(featx_cmd(ref.data, cache), tmp_path)
-    rc = kill_at(proc, cache / ref.partial_name, 1, 0.0, signal.SIGTERM)
+    rc, err = signal_after_chunks(featx_cmd(ref.data, cache), tmp_path, 1, signal.SIGTERM)
     assert rc == 143 and "interrupted by SIGTERM" in err.read_text()
     assert chunk_files(cache / ref.partial_name)
     resume_and_check(cache, ref)
@@ -596,8 +603,7 @@ def test_a_forced_run_that_dies_leaves_the_old_cache_intact(ref: Reference, tmp_
     old = cache / ref.cache_name
     shutil.copy2(ref.file, old)
     before = sha256(old)
-    proc, _, err = spawn(featx_cmd(ref.data, cache, "--force"), tmp_path)
-    rc = kill_at(proc, cache / ref.partial_name, 2, 0.0, signum)
+    rc, err = signal_after_chunks(featx_cmd(ref.data, cache, "--force"), tmp_path, 2, signum)
     assert rc == (-signal.SIGKILL if signum == signal.SIGKILL else 130), err.read_text()
     assert (cache / ref.partial_name).is_dir()  # the forced run was under way
     assert sha256(old) == before

@@ -9,8 +9,10 @@ from pathlib import Path
 ROOT = Path(__file__).parents[1] / "featx"
 # Lower first. A module may import from any module before it in this list (and from the package root).
 LAYERS = [
+    "failpoints",
     "errors",
     "runtime",
+    "distributed",
     "metrics",
     "records",
     "data",

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from featx import __version__
+from featx import __version__, failpoints
 from featx.backbones import Backbone, EmbedderSpec, load_torch_file
 from featx.data import Split
 from featx.errors import MismatchError, UsageError
@@ -190,3 +190,4 @@ def save_checkpoint(
         "featx_version": __version__,
     }
     save_atomic(path, lambda p: torch.save(checkpoint, p))
+    failpoints.hit("finetune.checkpoint_saved")
