@@ -393,6 +393,21 @@ def test_sigkill_at_20_seeded_random_points(ref: Reference, tmp_path: Path) -> N
 # SIGINT / SIGTERM keep the journal; the rerun resumes
 
 
+def test_a_run_started_with_sigint_ignored_keeps_ignoring_it(ref: Reference, tmp_path: Path) -> None:
+    """``nohup featx extract ... &`` (SIGINT ignored from the start): a Ctrl-C meant for the shell does not stop it."""
+    cache = tmp_path / "cache"
+    env = {**os.environ, "FEATX_FAILPOINTS": "journal.chunk_written=2:SIGINT"}
+
+    def ignore_sigint() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    res = subprocess.run(
+        featx_cmd(ref.data, cache), capture_output=True, text=True, timeout=300, env=env, preexec_fn=ignore_sigint, check=False
+    )
+    assert res.returncode == 0, res.stderr
+    assert_same_cache(cache / ref.cache_name, ref.arrays)
+
+
 def test_sigint_keeps_the_partial_and_the_rerun_resumes(ref: Reference, interrupted: Interrupted, tmp_path: Path) -> None:
     assert interrupted.rc == 130
     lines = interrupted.stderr.strip().splitlines()
