@@ -18,7 +18,7 @@ from featx.heads.arrays import choose, shrink_scaler
 from featx.heads.builders import REFIT_TOL, SWEEP_TOL, _logreg, _logreg_steps, _pipeline
 from featx.heads.fitted import FittedHead, check_same_embedder, head_metadata
 from featx.heads.kinds import HeadKind, SweepContext, SweepLevers, head_kind
-from featx.heads.sweeps import _accuracy, _path_order, _quiet, _threads
+from featx.heads.sweeps import _accuracy, _path_order, _quiet, _threads, near_ties
 from featx.heads.torch_solver import _export_logreg, _torch_lbfgs_logreg
 from featx.metrics import classification_metrics
 
@@ -196,6 +196,21 @@ def fit_head_streamed(
             preds = predict_split([fits[float(grid[i]["C"])] for i in order], "val")
             for point, pred in zip(curve, preds):
                 point["val_accuracy"] = _accuracy(pred, y_va)
+            near = near_ties({j: point["val_accuracy"] for j, point in enumerate(curve)}, len(y_va))
+            ctx.info["cold_rescored"] = []  # the C values scored again from cold starts
+            if lev.warm_path and len(near) > 1:  # as in the in-memory sweep (sweeps._walk_path): cold near-tie scores
+                cold: list[tuple[np.ndarray, np.ndarray]] = []
+                with _threads(ctx, hk):
+                    for j in near:
+                        t_point = time.perf_counter()
+                        m = _logreg(float(curve[j]["params"]["C"]), REFIT_TOL)
+                        with _quiet():
+                            m.fit(X_sub, np.searchsorted(classes, y_sub))
+                        cold.append((m.coef_.copy(), m.intercept_.copy()))
+                        curve[j]["seconds"] += time.perf_counter() - t_point
+                for j, pred in zip(near, predict_split(cold, "val")):
+                    curve[j]["val_accuracy"] = _accuracy(pred, y_va)
+                ctx.info["cold_rescored"] = [float(curve[j]["params"]["C"]) for j in near]
             curve = [curve[order.index(i)] for i in range(len(grid))]
             best_params = curve[choose(hk, curve)]["params"]
             ctx.info["stopped_early"] = False

@@ -26,6 +26,11 @@ from featx.heads.kinds import Folds, Grid, HeadKind, Sweep, SweepContext
 from featx.heads.torch_solver import _torch_logreg_arrays
 
 PATIENCE = 3  # stop a regularisation path after this many consecutive points strictly below the best so far
+# A warm-started path carries each point's approximate iterate into the next: two points whose val accuracies differ
+# by a couple of images can swap order with the path, and a 1e-5 change in the features (PyTorch vs ONNX Runtime)
+# can swap them. The points within this many val images of the path's best are scored again by a cold fit at the
+# refit's tolerance (what each point's own converged fit gives, independent of the path) before the choice.
+NEAR_TIE_IMAGES = 2
 GRAM_MAX_BYTES = int(os.environ.get("FEATX_GRAM_MAX_MB", "4096")) * 2**20  # above: per-point RBF fits instead
 
 
@@ -79,16 +84,17 @@ def _path_order(grid: list[dict[str, Any]]) -> list[int]:
 
 
 def _walk_path(
-    grid: list[dict[str, Any]], folds: Folds, ctx: SweepContext, fit_point: Callable[[int, float, float], float]
+    grid: list[dict[str, Any]], folds: Folds, ctx: SweepContext, fit_point: Callable[[int, float, float, bool], float]
 ) -> list[dict[str, Any]]:
-    """Score grid points along the C path; ``fit_point(fold, C, tol) -> val accuracy`` keeps its own warm state.
-    Stops after PATIENCE consecutive points strictly below the best so far (lever ``early_stop``)."""
+    """Score grid points along the C path; ``fit_point(fold, C, tol, warm) -> val accuracy`` keeps its own warm
+    state (used and updated when ``warm``). Stops after PATIENCE consecutive points strictly below the best so far
+    (lever ``early_stop``). With a warm path, the near ties of the best are then scored again from cold starts."""
     tol = SWEEP_TOL if ctx.levers.sweep_tol else REFIT_TOL
     curve: dict[int, dict[str, Any]] = {}
     best, best_i, below, proposed = -1.0, -1, 0, -1
     for i in _path_order(grid):
         t0 = time.perf_counter()
-        acc = float(np.mean([fit_point(f, float(grid[i]["C"]), tol) for f in range(len(folds))]))
+        acc = float(np.mean([fit_point(f, float(grid[i]["C"]), tol, ctx.levers.warm_path) for f in range(len(folds))]))
         curve[i] = {"params": grid[i], "val_accuracy": acc, "seconds": time.perf_counter() - t0}
         if acc > best:
             best, best_i, below = acc, i, 0
@@ -102,7 +108,22 @@ def _walk_path(
             ctx.info["stopped_early"] = True
             break
     ctx.info.setdefault("stopped_early", False)
+    near = near_ties({i: c["val_accuracy"] for i, c in curve.items()}, min(len(va) for _, va in folds))
+    ctx.info["cold_rescored"] = []  # the C values scored again from cold starts
+    if ctx.levers.warm_path and len(near) > 1:
+        for i in near:
+            t0 = time.perf_counter()
+            C = float(grid[i]["C"])
+            curve[i]["val_accuracy"] = float(np.mean([fit_point(f, C, REFIT_TOL, False) for f in range(len(folds))]))
+            curve[i]["seconds"] += time.perf_counter() - t0
+        ctx.info["cold_rescored"] = [float(grid[i]["C"]) for i in near]
     return [curve[i] for i in sorted(curve)]
+
+
+def near_ties(val_accuracy: dict[int, float], n_val: int) -> list[int]:
+    """The points whose val accuracy is within NEAR_TIE_IMAGES val images of the best (in the mapping's order)."""
+    best = max(val_accuracy.values())
+    return [i for i, acc in val_accuracy.items() if acc >= best - NEAR_TIE_IMAGES / max(n_val, 1) - 1e-12]
 
 
 def _sweep_logreg(X: np.ndarray, y: np.ndarray, folds: Folds, grid: Grid, ctx: SweepContext) -> list[dict[str, Any]]:
@@ -110,26 +131,28 @@ def _sweep_logreg(X: np.ndarray, y: np.ndarray, folds: Folds, grid: Grid, ctx: S
     if ctx.solver == "torch":
         warm_t: list[Any] = [None] * len(folds)
 
-        def fit_point_t(f: int, C: float, tol: float) -> float:
+        def fit_point_t(f: int, C: float, tol: float, warm: bool) -> float:
             Xtr, ytr, Xva, yva = parts[f]
-            lr = _torch_logreg_arrays(Xtr, ytr, C, tol=tol, init=warm_t[f] if ctx.levers.warm_path else None, device=ctx.device)
-            warm_t[f] = lr
-            ctx.state.setdefault("warm", {})[C] = lr if f == 0 else ctx.state["warm"].get(C)
+            lr = _torch_logreg_arrays(Xtr, ytr, C, tol=tol, init=warm_t[f] if warm else None, device=ctx.device)
+            if warm or not ctx.levers.warm_path:  # a cold re-score leaves the path's state (the refit's start) alone
+                warm_t[f] = lr
+                ctx.state.setdefault("warm", {})[C] = lr if f == 0 else ctx.state["warm"].get(C)
             return _accuracy(lr.predict(Xva), yva)
 
         return _walk_path(grid, folds, ctx, fit_point_t)
 
     models: list[Any] = [None] * len(folds)
 
-    def fit_point(f: int, C: float, tol: float) -> float:
+    def fit_point(f: int, C: float, tol: float, warm: bool) -> float:
         Xtr, ytr, Xva, yva = parts[f]
-        m = models[f] if ctx.levers.warm_path and models[f] is not None else _logreg(C, tol)
-        m.set_params(C=C, tol=tol, warm_start=ctx.levers.warm_path)
+        m = models[f] if warm and models[f] is not None else _logreg(C, tol)
+        m.set_params(C=C, tol=tol, warm_start=warm)
         with _quiet():
             m.fit(Xtr, ytr)
-        models[f] = m
-        if f == 0:
-            ctx.state.setdefault("warm", {})[C] = (m.coef_.copy(), m.intercept_.copy(), m.classes_.copy())
+        if warm or not ctx.levers.warm_path:  # a cold re-score leaves the path's state (the refit's start) alone
+            models[f] = m
+            if f == 0:
+                ctx.state.setdefault("warm", {})[C] = (m.coef_.copy(), m.intercept_.copy(), m.classes_.copy())
         return _accuracy(m.predict(Xva), yva)
 
     return _walk_path(grid, folds, ctx, fit_point)
@@ -207,12 +230,13 @@ def _sweep_linear_svm(X: np.ndarray, y: np.ndarray, folds: Folds, grid: Grid, ct
             parts.append((X64[tr], _ovr_targets(y[tr], classes), X64[va], y[va], classes))
         warm: list[np.ndarray | None] = [None] * len(folds)
 
-        def fit_point(f: int, C: float, tol: float) -> float:
+        def fit_point(f: int, C: float, tol: float, warm_start: bool) -> float:
             Xtr, Ytr, Xva, yva, classes = parts[f]
-            W, _ = _sqhinge_primal(Xtr, Ytr, C, tol=tol, W0=warm[f] if ctx.levers.warm_path else None)
-            warm[f] = W
-            if f == 0:
-                ctx.state.setdefault("warm", {})[C] = W
+            W, _ = _sqhinge_primal(Xtr, Ytr, C, tol=tol, W0=warm[f] if warm_start else None)
+            if warm_start or not ctx.levers.warm_path:  # a cold re-score leaves the path's state alone
+                warm[f] = W
+                if f == 0:
+                    ctx.state.setdefault("warm", {})[C] = W
             scores = Xva @ W[:d] + W[d]
             pred = classes[(scores[:, 0] > 0).astype(int)] if len(classes) == 2 else classes[scores.argmax(axis=1)]
             return _accuracy(pred, yva)
