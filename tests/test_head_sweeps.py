@@ -87,11 +87,11 @@ def test_logreg_warm_path_chooses_what_cold_fits_choose(problem: dict[str, np.nd
 
 
 @pytest.mark.parametrize("kind", ["logreg", "linear-svm"])
-def test_near_ties_are_chosen_on_cold_converged_fits_whatever_the_path(problem: dict[str, np.ndarray], kind: str) -> None:
+def test_near_ties_are_chosen_on_cold_fits_whatever_the_path(problem: dict[str, np.ndarray], kind: str) -> None:
     """The points within NEAR_TIE_IMAGES val images of the warm path's best are scored again by cold fits at the
-    refit tolerance: their accuracies are then the path-free ones (the same with and without a warm path), so the
-    choice no longer depends on where the path's approximate iterates happened to stop, and features perturbed at
-    the 1e-5 level (another runtime) choose the same point."""
+    refit tolerance (in parallel threads with n_jobs > 1): their accuracies are then the path-free ones (the plain
+    loop's), so the choice no longer depends on where the path's approximate iterates happened to stop, and features
+    perturbed at the 1e-5 level (another runtime) choose the same point."""
     from featx.heads.sweeps import near_ties
 
     assert near_ties({0: 0.5, 1: 0.9, 2: 0.89, 3: 0.88, 4: 0.87}, n_val=100) == [1, 2, 3]  # within 2 of 100 images
@@ -100,6 +100,8 @@ def test_near_ties_are_chosen_on_cold_converged_fits_whatever_the_path(problem: 
     warm = fit_head_arrays(kind, problem["X"], problem["y"], **kw)
     cold = fit_head_arrays(kind, problem["X"], problem["y"], levers=SweepLevers(warm_path=False, sweep_tol=False), **kw)
     assert len(warm.info["cold_rescored"]) >= 3
+    two = fit_head_arrays(kind, problem["X"], problem["y"], **{**kw, "n_jobs": 2})  # the re-scores on two threads
+    assert two.curve == [{**c, "seconds": t["seconds"]} for c, t in zip(warm.curve, two.curve)]
     cold_acc = {c["params"]["C"]: c["val_accuracy"] for c in cold.curve}
     for c in warm.curve:
         if c["params"]["C"] in warm.info["cold_rescored"]:

@@ -111,11 +111,19 @@ def _walk_path(
     near = near_ties({i: c["val_accuracy"] for i, c in curve.items()}, min(len(va) for _, va in folds))
     ctx.info["cold_rescored"] = []  # the C values scored again from cold starts
     if ctx.levers.warm_path and len(near) > 1:
-        for i in near:
+        from concurrent.futures import ThreadPoolExecutor
+
+        def cold(task: tuple[int, int]) -> tuple[float, float]:  # independent fits: spread over n_jobs threads
             t0 = time.perf_counter()
-            C = float(grid[i]["C"])
-            curve[i]["val_accuracy"] = float(np.mean([fit_point(f, C, REFIT_TOL, False) for f in range(len(folds))]))
-            curve[i]["seconds"] += time.perf_counter() - t0
+            acc = fit_point(task[1], float(grid[task[0]]["C"]), REFIT_TOL, False)
+            return acc, time.perf_counter() - t0
+
+        tasks = [(i, f) for i in near for f in range(len(folds))]
+        with ThreadPoolExecutor(max(1, min(ctx.n_jobs, len(tasks))), thread_name_prefix="featx-near-ties") as pool:
+            done = dict(zip(tasks, pool.map(cold, tasks)))
+        for i in near:
+            curve[i]["val_accuracy"] = float(np.mean([done[i, f][0] for f in range(len(folds))]))
+            curve[i]["seconds"] += sum(done[i, f][1] for f in range(len(folds)))
         ctx.info["cold_rescored"] = [float(grid[i]["C"]) for i in near]
     return [curve[i] for i in sorted(curve)]
 
