@@ -153,6 +153,7 @@ def main() -> None:
     c = sub.add_parser("compare")
     c.add_argument("a")
     c.add_argument("b")
+    c.add_argument("--out", default=str(OUT / "refactor_reproduce.md"), help="where the markdown goes")
     args = ap.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     if args.cmd == "record":
@@ -179,7 +180,7 @@ def main() -> None:
         f"LABEL --cache-dir runs/bench-cpu-cache-issue21` at each commit, then `python benchmarks/reproduce.py compare "
         f"{a['label']} {b['label']}`. Differences: **{diffs}**.\n",
     ]
-    (OUT / "refactor_reproduce.md").write_text("\n".join(head + lines) + "\n")
+    Path(args.out).write_text("\n".join(head + lines) + "\n")
     print("\n".join(head + lines))
     sys.exit(1 if diffs else 0)
 
