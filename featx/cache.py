@@ -164,10 +164,12 @@ def shard_of(entry: Path) -> Shard | None:
 
 def shard_chunks(n_chunks: int, shard: Shard) -> list[int]:
     """The chunks job ``i`` of ``n`` computes: the i-th of n contiguous, balanced ranges (sizes differ by at most
-    one chunk), a function of the journal's chunk count only, so separate jobs agree without talking."""
+    one chunk, the first ones the larger, as ``numpy.array_split`` and the torchrun ranks split), a function of the
+    journal's chunk count only, so separate jobs agree without talking."""
     i, n = shard
-    lo, hi = (i * n_chunks) // n, ((i + 1) * n_chunks) // n
-    return list(range(lo, hi))
+    q, r = divmod(n_chunks, n)
+    lo = i * q + min(i, r)
+    return list(range(lo, lo + q + (i < r)))
 
 
 def tmp_path(final: Path) -> Path:

@@ -54,6 +54,7 @@ from featx.cache import (
 from featx.data import ImageDataset, Split, is_transient_failure, load_dataset, printable_path, refuse_inside_dataset
 from featx.errors import CacheError, DataError, FeatxError, UsageError
 from featx.inference import (  # noqa: F401  (compute_features is re-exported)
+    StageTimes,
     check_forward_memory,
     compute_features,
     default_batch_size,
@@ -302,6 +303,7 @@ class _ChunkWriter:
     def __init__(self, journal: CacheJournal, depth: int = WRITE_QUEUE_DEPTH) -> None:
         self.journal = journal
         self.written: dict[int, Path] = {}
+        self.seconds = 0.0  # time spent writing chunks (in the thread, overlapping the next batches)
         self._q: queue.Queue[Chunk | None] = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._failed_chunk = -1
@@ -316,7 +318,9 @@ class _ChunkWriter:
             if self._error is not None:
                 continue  # keep draining so that put() never blocks forever
             try:
+                t = time.perf_counter()
                 self.written[chunk.index] = self.journal.write_chunk(chunk)
+                self.seconds += time.perf_counter() - t
             except BaseException as exc:  # re-raised in the caller's thread
                 self._error, self._failed_chunk = exc, chunk.index
 
@@ -703,7 +707,7 @@ def _compute_share(
     emb = journal.header["embedder"]
     return _compute_missing(
         split, journal, state, runner, layer=emb["layer"], precision=emb.get("precision", "fp32"), dev=dev,
-        settings=settings, progress=progress, chunks=mine,
+        settings=settings, progress=progress, chunks=mine, who=f"rank {ctx.rank} ",
     )  # fmt: skip
 
 
@@ -969,6 +973,7 @@ def _assemble(
                 raise CacheError(f"journal chunk {state.chunks[i]} went bad ({exc}); run the same command again") from None
             yield c.start, c.features, c.valid, c.reasons
 
+    t_assembly = time.perf_counter()
     path = write_cache_file(
         journal.final,
         n_rows=n,
@@ -981,6 +986,8 @@ def _assemble(
         journal=journal.dir,
     )
     _discard_quietly(journal)
+    t_assembly = time.perf_counter() - t_assembly
+    log.info("%s: cache assembled from %d journal chunks in %.2f s", split.name, journal.n_chunks, t_assembly)
     seconds = time.perf_counter() - t0
     failures = tuple((printable_path(split.paths[i]), r) for i, r in sorted(state.failures.items()))
     for p, r in failures:
@@ -1002,9 +1009,14 @@ def _compute_missing(
     settings: InferenceSettings,
     progress: bool,
     chunks: Sequence[int],
+    who: str = "",
 ) -> int:
     """Compute ``chunks`` (contiguous runs of chunks, each one pass over its rows) and write them through the
-    background writer, with the journal's batch size and memory format. Returns the number of rows computed."""
+    background writer, with the journal's batch size and memory format. Returns the number of rows computed.
+    Logs (info) where the time went: decode, forward, journal writes (``who``: "rank R " under torchrun)."""
+    t_start = time.perf_counter()
+    prof = StageTimes()
+    written_s = 0.0
     h = journal.header
     dtype = np.float16 if h["cache_attrs"].get("dtype") == "float16" else np.float32
     rows_in_chunks = journal.shard is not None  # a shard journal's chunks carry their paths and labels
@@ -1040,6 +1052,7 @@ def _compute_missing(
                 precision=precision,
                 progress=progress,
                 desc=f"extract {split.name}",
+                profile=prof,
             ):
                 _raise_pending()
                 rows = np.asarray(b.positions, dtype=np.int64) + lo
@@ -1082,13 +1095,21 @@ def _compute_missing(
                     w.close()
                 finally:
                     state.chunks.update(w.written)
+                    written_s += w.seconds
     finally:
         if writer is not None:
             try:
                 writer.close()
             finally:
                 state.chunks.update(writer.written)
+                written_s += writer.seconds
     _raise_pending()
+    log.info(
+        "%s%s: %d rows in %.1f s (%.1f img/s): decode %.1f s, forward %.1f s, waiting for batches %.1f s, "
+        "journal writes %.1f s (in the background; decode/forward summed over parallel streams)",
+        who, split.name, computed, time.perf_counter() - t_start, computed / max(time.perf_counter() - t_start, 1e-9),
+        prof.decode, prof.forward, prof.wait, written_s,
+    )  # fmt: skip
     if any(i not in state.chunks for i in missing):
         raise CacheError(f"internal: {sum(i in state.chunks for i in missing)} of {len(missing)} journal chunks after extraction")
     return computed

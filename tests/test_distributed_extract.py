@@ -124,7 +124,8 @@ def shard_dirs(dataset: Path, reference: dict[str, Path], tmp_path_factory: pyte
 
 
 def _journals(dirs: list[Path], split: str = "") -> list[str]:
-    return [str(p) for d in dirs for p in sorted(d.glob(f"*{split}*.shard-*.partial"))]
+    pattern = f"*{split}*.shard-*.partial" if split else "*.shard-*.partial"
+    return [str(p) for d in dirs for p in sorted(d.glob(pattern))]
 
 
 def test_cache_merge_of_two_shard_jobs_is_the_single_process_cache(
