@@ -356,6 +356,10 @@ class _ChunkWriter:
 # extract()
 
 
+#: Seconds any rank of a torchrun extraction waits in one collective (rank 0's scan, journal preparation, assembly).
+EXTRACT_COLLECTIVE_TIMEOUT_S = 12 * 3600.0
+
+
 def extract(
     dataset: str | Path | ImageDataset,
     embedder: EmbedderSpec | None = None,
@@ -409,7 +413,9 @@ def extract(
     if distributed.launched():
         if shard_ is not None:
             raise UsageError("--shard is for separate jobs without torchrun (under torchrun the ranks share one journal)")
-        ctx = distributed.from_environment(settings.device)
+        # collectives wait while rank 0 scans, prepares and assembles (hours for millions of images): a long bound;
+        # a rank that dies is noticed at once anyway (gloo's closed connection; torchrun stops the others)
+        ctx = distributed.from_environment(settings.device, timeout_s=EXTRACT_COLLECTIVE_TIMEOUT_S)
     try:
         if ctx is None:
             ds = dataset if isinstance(dataset, ImageDataset) else load_dataset(dataset, allow_outside_root=allow_outside_root)
