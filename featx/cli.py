@@ -828,6 +828,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except FeatxError as exc:
+        if getattr(exc, "on_every_rank", False):  # under torchrun: the same error on every rank, printed by rank 0
+            from featx.distributed import is_main_process
+
+            if not is_main_process():
+                return exc.exit_code
         _err(f"featx: error: {exc}")
         if args.verbose:
             traceback.print_exc()

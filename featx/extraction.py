@@ -446,7 +446,10 @@ def parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int] | None:
 
 
 class _RankError(FeatxError):
-    """An error one rank raised, raised on every rank (with that rank's exit code)."""
+    """An error one rank raised, raised on every rank (with that rank's exit code); ``on_every_rank`` tells the CLI
+    that rank 0 prints it, so a job of N ranks prints one line, not N."""
+
+    on_every_rank = True
 
     def __init__(self, message: str, exit_code: int = 2) -> None:
         super().__init__(message)

@@ -110,6 +110,16 @@ def test_a_killed_rank_fails_the_job_in_one_line_and_the_same_command_resumes(
     assert not list(cdir.glob("*.partial"))
 
 
+def test_an_error_on_rank_0_is_one_line_for_the_whole_job(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-dataset"
+    proc = _torchrun(["extract", str(missing), *SIZE, "--cache-dir", str(tmp_path / "cache")])
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("featx: error:")]
+    assert len(errors) == 1 and str(missing) in errors[0], proc.stderr[-3000:]  # rank 0's scan failed; rank 1 stays quiet
+    assert "internal error" not in proc.stderr
+    assert not (tmp_path / "cache").exists()
+
+
 @pytest.fixture(scope="module")
 def shard_dirs(dataset: Path, reference: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Two separate ``--shard i/2`` jobs, each with its own cache folder (no shared filesystem)."""
