@@ -1693,11 +1693,9 @@ def _header_differences(a: dict[str, Any], b: dict[str, Any]) -> str:
     return ", ".join(words)
 
 
-def _shard_folders(refs: Iterable[str | os.PathLike[str]], cache_dir: str | os.PathLike[str] | None) -> tuple[list[Path], bool]:
-    """The shard journals named by ``refs`` (shard journal folders, or folders holding them; none: the cache folder),
-    and whether any was named one by one."""
+def _shard_folders(refs: Iterable[str | os.PathLike[str]], cache_dir: str | os.PathLike[str] | None) -> list[Path]:
+    """The shard journals named by ``refs`` (shard journal folders, or folders holding them; none: the cache folder)."""
     folders: list[Path] = []
-    named = False
     refs = list(refs) or [resolve_cache_dir(cache_dir)]
     for r in refs:
         p = Path(r).expanduser()
@@ -1705,7 +1703,6 @@ def _shard_folders(refs: Iterable[str | os.PathLike[str]], cache_dir: str | os.P
             if not p.exists():
                 raise CacheError(f"shard journal not found: {p}")
             folders.append(p)
-            named = True
         elif p.is_dir() and not p.is_symlink() and _NAME_RE.match(p.name) is None:
             found = [e for e in _cache_entries(p) if shard_of(e) is not None]
             if not found:
@@ -1715,7 +1712,7 @@ def _shard_folders(refs: Iterable[str | os.PathLike[str]], cache_dir: str | os.P
             from featx.errors import UsageError
 
             raise UsageError(f"{p} is neither a shard journal (<name>.shard-<i>-of-<n>.partial) nor a folder holding them")
-    return folders, named
+    return folders
 
 
 def _open_shard(folder: Path) -> CacheJournal:
@@ -1750,29 +1747,51 @@ def merge_shards(
     ``refs``: shard journal folders (``<name>.shard-<i>-of-<n>.partial``, gathered from the machines that made them),
     or folders holding them (default: the cache folder); the cache is written to ``cache_dir`` when given, else beside
     the first shard journal. Refused with one line, before anything is written: a journal featx cannot prove it wrote,
-    journals of different caches given together, journals whose headers differ (which fields, the dataset fingerprint
-    named), and missing or damaged chunks (which, and whose shard). The shard journals are only read, never changed
-    or deleted (``featx cache rm`` removes them). The cache is the one a single ``featx extract`` writes (same key,
-    rows, paths, labels, failures; features computed with the same batching)."""
-    folders, named = _shard_folders(refs, cache_dir)
+    journals of two different caches of one split (the jobs disagreed), journals whose headers differ (which fields,
+    the dataset fingerprint named), and missing or damaged chunks (which, and whose shard). The shard journals are
+    only read, never changed or deleted (``featx cache rm`` removes them). The cache is the one a single ``featx
+    extract`` writes (same key, rows, paths, labels, failures; features computed with the same batching)."""
+    folders = _shard_folders(refs, cache_dir)
     groups: dict[str, list[CacheJournal]] = {}
     for f in folders:
         j = _open_shard(f)
         groups.setdefault(_NAME_RE.match(f.name)["stem"], []).append(j)  # type: ignore[index]
-    if named and len(groups) > 1:
-        ja, jb = list(groups.values())[:2]
-        raise CacheError(
-            f"the shard journals are of different caches ({ja[0].dir.name} and {jb[0].dir.name}): "
-            f"{_header_differences(ja[0].header, jb[0].header)} differ; merge the shards of one extraction; nothing was written"
-        )
+    # Several caches at once are fine (a dataset's splits); two keys for the same split mean the jobs disagreed.
+    by_split: dict[str, list[str]] = {}
+    for stem in sorted(groups):
+        by_split.setdefault(stem[: -len(groups[stem][0].header["key"]) - 1], []).append(stem)
+    for stems in by_split.values():
+        if len(stems) > 1:
+            ja, jb = groups[stems[0]][0], groups[stems[1]][0]
+            raise CacheError(
+                f"the shard journals are of different caches ({ja.dir.name} and {jb.dir.name}): "
+                f"{_header_differences(ja.header, jb.header)} differ; merge the shards of one extraction "
+                "(name its journals one by one); nothing was written"
+            )
+    plans = [_plan_merge(stem, journals) for stem, journals in sorted(groups.items())]  # every check first
     out = []
-    for stem, journals in sorted(groups.items()):
-        out_dir = Path(cache_dir).expanduser() if cache_dir is not None else journals[0].dir.parent
-        out.append(_merge_group(stem, journals, out_dir))
+    for plan in plans:
+        out_dir = Path(cache_dir).expanduser() if cache_dir is not None else plan.journals[0].dir.parent
+        out.append(_write_merge(plan, out_dir))
     return out
 
 
-def _merge_group(stem: str, journals: list[CacheJournal], out_dir: Path) -> MergeResult:
+@dataclass
+class _MergePlan:
+    """One cache's checked shard chunks, ready to be written (:func:`_plan_merge`, :func:`_write_merge`)."""
+
+    stem: str
+    journals: list[CacheJournal]
+    chunks: dict[int, tuple[CacheJournal, Path]]
+    paths: list[str]
+    labels: np.ndarray
+    failures: dict[int, str]
+    seconds: float
+    dim: int | None
+
+
+def _plan_merge(stem: str, journals: list[CacheJournal]) -> _MergePlan:
+    """Check one cache's shard journals (headers agree, every chunk present and whole); read their rows' paths."""
     base = journals[0]
     for j in journals[1:]:
         diff = _header_differences(base.header, j.header)
@@ -1824,6 +1843,13 @@ def _merge_group(stem: str, journals: list[CacheJournal], out_dir: Path) -> Merg
             f"cannot merge {stem}: {len(missing)} of {n_chunks} chunks missing{bad}: {'; '.join(owners)}; run those "
             "shards' `featx extract --shard i/n` again (they resume) and merge again; nothing was written"
         )
+    return _MergePlan(stem, journals, chunks, paths, labels, failures, seconds, dim)
+
+
+def _write_merge(plan: _MergePlan, out_dir: Path) -> MergeResult:
+    """Write one planned merge as the ordinary cache (under its key lock; an existing cache is a hit)."""
+    stem, journals, chunks, base = plan.stem, plan.journals, plan.chunks, plan.journals[0]
+    n_chunks, n, n_shards = base.n_chunks, base.n_rows, int(base.header["shard"][1])
     final = out_dir / f"{stem}.h5"
     key = base.header["key"]
     try:
@@ -1842,9 +1868,9 @@ def _merge_group(stem: str, journals: list[CacheJournal], out_dir: Path) -> Merg
         attrs = {
             **base_attrs(),
             **cache_attrs,
-            "extraction_seconds": seconds,
+            "extraction_seconds": plan.seconds,
             "n_images": n,
-            "feature_dim": int(dim or 0),
+            "feature_dim": int(plan.dim or 0),
             "images_per_s": 0.0,
             "resumed_at": 0,
             "merged_shards": n_shards,
@@ -1863,10 +1889,10 @@ def _merge_group(stem: str, journals: list[CacheJournal], out_dir: Path) -> Merg
             final,
             n_rows=n,
             blocks=blocks(),
-            labels=labels,
-            paths=paths,
+            labels=plan.labels,
+            paths=plan.paths,
             classes=list(base.header.get("classes") or []),
             attrs=attrs,
             dtype=dtype,
         )
-    return MergeResult(final, key, n, len(failures), len(journals))
+    return MergeResult(final, key, n, len(plan.failures), len(journals))
