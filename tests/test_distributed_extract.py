@@ -6,7 +6,8 @@ checked the same way on flowers17: benchmarks/results/scaling.md). A rank SIGKIL
 (failpoint ``@rank1``) fails the job with one line naming it, keeps the chunks written, and the same command resumes.
 
 Each torchrun start costs several seconds (two Python processes, the gloo rendezvous, a model each): the module runs
-three, on a 136-image dataset at 48 px with batches of 4 (journal chunks of 32 rows: four train chunks, two a rank)."""
+four (one stops at the scan), on a 136-image dataset at 48 px with batches of 4 (journal chunks of 32 rows: four
+train chunks, two a rank)."""
 
 from __future__ import annotations
 
