@@ -74,7 +74,11 @@ _CHUNK_RE = re.compile(r"^chunk-(\d{9})-([0-9a-f]{16})\.npz$")
 _KEY_RE = re.compile(r"^[0-9a-f]{20}$")
 #: What featx names in a cache folder: ``<stem>-<key>.h5`` (a cache), ``.partial`` (its journal), ``.h5.tmp`` (its assembly),
 #: ``.onnx`` (an embedder's checked ONNX export, its own key: :mod:`featx.onnx_export`).
-_NAME_RE = re.compile(r"^(?P<stem>.+-(?P<key>[0-9a-f]{20}))(?P<ext>\.h5|\.partial|\.h5\.tmp|\.onnx)$")
+#: ``<stem>-<key>.shard-<i>-of-<n>.partial`` is the journal of one ``--shard i/n`` job (merged by :func:`merge_shards`).
+_NAME_RE = re.compile(
+    r"^(?P<stem>.+-(?P<key>[0-9a-f]{20}))(?:\.shard-(?P<si>\d{1,6})-of-(?P<sn>\d{1,6})(?=\.partial$))?"
+    r"(?P<ext>\.h5|\.partial|\.h5\.tmp|\.onnx)$"
+)
 #: The temporary files of :func:`write_file_atomic` inside a journal (a kill mid-write leaves one).
 _JOURNAL_TMP_RE = re.compile(r"^\.tmp-\d+-(journal\.json|chunk-\d{9}-[0-9a-f]{16}\.npz)$")
 _LOCK_RE = re.compile(r"^.+-[0-9a-f]{20}\.lock$")
@@ -141,9 +145,31 @@ def key_entries(cache_dir: Path, ref: str, exts: tuple[str, ...] = (".h5",)) -> 
     return groups
 
 
-def journal_dir(final: Path) -> Path:
-    """``<name>.partial``: the journal of the extraction that will produce ``final``."""
-    return final.with_suffix(".partial")
+Shard = tuple[int, int]  # (i, n): the i-th of n separate jobs (0 <= i < n), see :func:`shard_chunks`
+
+
+def journal_dir(final: Path, shard: Shard | None = None) -> Path:
+    """``<name>.partial``: the journal of the extraction that will produce ``final``; with ``shard`` (i, n)
+    ``<name>.shard-<i>-of-<n>.partial``, the partial journal of one ``--shard i/n`` job."""
+    if shard is None:
+        return final.with_suffix(".partial")
+    return final.with_name(f"{final.stem}.shard-{shard[0]}-of-{shard[1]}.partial")
+
+
+def shard_of(entry: Path) -> Shard | None:
+    """(i, n) for a shard journal's name, None for anything else."""
+    m = _NAME_RE.match(entry.name)
+    return (int(m["si"]), int(m["sn"])) if m and m["si"] is not None else None
+
+
+def shard_chunks(n_chunks: int, shard: Shard) -> list[int]:
+    """The chunks job ``i`` of ``n`` computes: the i-th of n contiguous, balanced ranges (sizes differ by at most
+    one chunk, the first ones the larger, as ``numpy.array_split`` and the torchrun ranks split), a function of the
+    journal's chunk count only, so separate jobs agree without talking."""
+    i, n = shard
+    q, r = divmod(n_chunks, n)
+    lo = i * q + min(i, r)
+    return list(range(lo, lo + q + (i < r)))
 
 
 def tmp_path(final: Path) -> Path:
@@ -157,6 +183,9 @@ def lock_path(final: Path) -> Path:
 
 
 def _key_of(path: Path) -> str:
+    m = _NAME_RE.match(path.name)
+    if m:
+        return m["key"]
     name = path.name
     for suffix in (".tmp", ".h5", ".partial", ".lock", ".onnx"):
         name = name.removesuffix(suffix)
@@ -581,6 +610,9 @@ class Chunk:
     valid: np.ndarray  # bool (rows,)
     reasons: list[str]  # "" for rows that decoded
     seconds: float = 0.0
+    # A shard journal's chunks also carry their rows' paths and labels, so that `featx cache merge` needs no dataset.
+    paths: list[str] | None = None
+    labels: np.ndarray | None = None
 
 
 @dataclass
@@ -603,10 +635,16 @@ class CacheJournal:
     so a resumed run batches its rows exactly as an uninterrupted one.
     """
 
-    def __init__(self, final: Path) -> None:
+    def __init__(self, final: Path, shard: Shard | None = None) -> None:
         self.final = Path(final)
-        self.dir = journal_dir(self.final)
+        self.shard = shard
+        self.dir = journal_dir(self.final, shard)
         self.header: dict[str, Any] = {}
+
+    @classmethod
+    def at(cls, folder: Path) -> CacheJournal:
+        """The journal in ``folder`` (``<name>.partial`` or a shard's ``<name>.shard-<i>-of-<n>.partial``)."""
+        return cls(final_path(Path(folder)), shard_of(Path(folder)))
 
     @property
     def n_rows(self) -> int:
@@ -762,14 +800,18 @@ class CacheJournal:
                 feats, valid, reasons_raw = z["features"], z["valid"], z["reasons"]
                 seconds = float(z["seconds"]) if "seconds" in z.files else 0.0
                 stored_start = int(z["start"])
+                paths_raw, labels = (z["paths"], np.asarray(z["labels"], dtype=np.int64)) if "paths" in z.files else (None, None)
             reasons = json.loads(bytes(reasons_raw).decode("ascii"))
+            paths = None if paths_raw is None else [str(x) for x in json.loads(bytes(paths_raw).decode("ascii"))]
         except Exception as exc:  # any parse error means: not a whole chunk
             raise ValueError(f"unreadable ({_first_line(exc)})") from None
+        if paths is not None and (len(paths) != rows or labels is None or labels.shape != (rows,)):
+            raise ValueError(f"wrong paths or labels for rows {start}-{stop}")
         if stored_start != start or feats.ndim != 2 or feats.shape[0] != rows or valid.shape != (rows,):
             raise ValueError(f"wrong shape for rows {start}-{stop}")
         if valid.dtype != np.bool_ or not isinstance(reasons, list) or len(reasons) != rows:
             raise ValueError("wrong valid mask or failure list")
-        return Chunk(i, start, feats, valid, [str(r) for r in reasons], seconds)
+        return Chunk(i, start, feats, valid, [str(r) for r in reasons], seconds, paths, labels)
 
     def write_chunk(self, chunk: Chunk) -> Path:
         """Store one chunk durably: temporary name, fsync, rename (sha256 prefix in the final name), fsync dir."""
@@ -782,6 +824,14 @@ class CacheJournal:
             valid=np.asarray(chunk.valid, dtype=bool),
             reasons=reasons,
             seconds=np.float64(chunk.seconds),
+            **(
+                {}
+                if chunk.paths is None
+                else {
+                    "paths": np.frombuffer(json.dumps(chunk.paths, ensure_ascii=True).encode("ascii"), dtype=np.uint8),
+                    "labels": np.asarray(chunk.labels, dtype=np.int64),
+                }
+            ),
         )
         data = buf.getvalue()
         path = self.dir / f"chunk-{chunk.index:09d}-{hashlib.sha256(data).hexdigest()[:16]}.npz"
@@ -1320,7 +1370,7 @@ def _journal_row(p: Path) -> dict[str, Any]:
     if not p.is_dir():
         row.update(size_mb=p.stat().st_size / 2**20, status="unusable: a partial file from an older featx")
         return row
-    j = CacheJournal(final_path(p))
+    j = CacheJournal.at(p)
     files = j.chunk_files()
     row["size_mb"] = sum(f.stat().st_size for f in files.values() if f.exists()) / 2**20
     try:
@@ -1329,6 +1379,10 @@ def _journal_row(p: Path) -> dict[str, Any]:
         row["status"] = f"unusable journal: {exc}"
         return row
     done = j.done_rows(i for i in files if i < j.n_chunks)
+    status, rows = f"partial {done}/{j.n_rows}", j.n_rows
+    if j.shard is not None:  # a --shard job's own journal: its share of the chunks, merged by `featx cache merge`
+        rows = j.done_rows(shard_chunks(j.n_chunks, j.shard))
+        status = f"partial shard {j.shard[0]}/{j.shard[1]} {done}/{rows} (featx cache merge)"
     h = j.header
     row.update(
         key=h.get("key", row["key"]),
@@ -1338,8 +1392,9 @@ def _journal_row(p: Path) -> dict[str, Any]:
         layer=(h.get("embedder") or {}).get("layer"),
         shape=[j.n_rows, 0],
         created=h.get("created_at"),
-        status=f"partial {done}/{j.n_rows}",
+        status=status,
         done_rows=done,
+        **({"shard": list(j.shard), "shard_rows": rows} if j.shard is not None else {}),
     )
     return row
 
@@ -1450,14 +1505,23 @@ _EXT_ORDER = (".h5", ".partial", ".h5.tmp", ".onnx")
 
 
 def _stem_entries(d: Path, stem: str, exts: Iterable[str]) -> dict[str, Path]:
-    return {ext: d / (stem + ext) for ext in exts if (d / (stem + ext)).exists() or (d / (stem + ext)).is_symlink()}
+    """The entries ``stem + ext`` that exist, keyed by their suffix; with ``.partial`` also the shard journals of
+    ``stem`` (``stem.shard-<i>-of-<n>.partial``, suffix ``.shard-<i>-of-<n>.partial``)."""
+    exts = list(exts)
+    out = {ext: d / (stem + ext) for ext in exts if (d / (stem + ext)).exists() or (d / (stem + ext)).is_symlink()}
+    if ".partial" in exts:
+        with contextlib.suppress(OSError):
+            for name in sorted(os.listdir(d)):
+                if name.startswith(stem + ".shard-") and (m := _NAME_RE.match(name)) and m["stem"] == stem:
+                    out[name[len(stem) :]] = d / name
+    return out
 
 
 def _delete_entry(p: Path) -> None:
     """Delete a cache-folder entry that was just proven featx's (under its key lock)."""
     m = _NAME_RE.match(p.name)
     if m and m["ext"] == ".partial":
-        CacheJournal(final_path(p)).discard()  # checks again, deletes only the files it checked
+        CacheJournal.at(p).discard()  # checks again, deletes only the files it checked
     else:
         try:
             p.unlink()
@@ -1535,8 +1599,8 @@ def clean_caches(refs: Iterable[str] = (), cache_dir: str | os.PathLike[str] | N
             locks[stem] = lock
         doomed: list[Path] = []
         for stem in sorted(locks):
-            for ext, p in _stem_entries(d, stem, _EXT_ORDER).items():
-                if ext not in plans[stem]:
+            for p in _stem_entries(d, stem, _EXT_ORDER).values():
+                if _NAME_RE.match(p.name)["ext"] not in plans[stem]:  # type: ignore[index]
                     continue
                 why = _entry_problem(p)
                 if why and not all_:
@@ -1586,3 +1650,249 @@ def now_iso() -> str:
 
 def base_attrs() -> dict[str, Any]:
     return {"featx_version": __version__, "format_version": FORMAT_VERSION, "created_at": now_iso()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Merging the partial journals of --shard jobs
+
+#: Journal header fields that differ between the shards of one job by design (everything else must be equal).
+_SHARD_OWN = ("created_at", "shard")
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What :func:`merge_shards` made of one cache's shard journals."""
+
+    path: Path
+    key: str
+    n_images: int
+    n_failed: int
+    shards: int
+    hit: bool = False
+
+    def summary(self) -> str:
+        if self.hit:
+            return f"{self.path.name}: already complete ({self.n_images} images), nothing written"
+        return f"merged {self.shards} shard journal(s): {self.n_images} images, {self.n_failed} skipped -> {self.path}"
+
+
+def _header_differences(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """Which of two journal headers' fields differ, in words (the dataset fingerprint named on its own)."""
+    keys = sorted((set(a) | set(b)) - set(_SHARD_OWN))
+    diff = [k for k in keys if a.get(k) != b.get(k)]
+    spec_a, spec_b = a.get("spec") or {}, b.get("spec") or {}
+    words = []
+    if spec_a.get("dataset_fingerprint") != spec_b.get("dataset_fingerprint"):
+        words.append("the dataset fingerprint (the images differ: another copy, or files changed between the jobs)")
+    other = sorted((set(spec_a) | set(spec_b)) - {"dataset_fingerprint"})
+    words += [f"spec.{k}" for k in other if spec_a.get(k) != spec_b.get(k)]
+    derived = {"key", "spec", "cache_attrs"} if "spec" in diff else set()  # follow from the spec
+    words += [k for k in diff if k not in derived]
+    if not words and diff:
+        words = diff
+    return ", ".join(words)
+
+
+def _shard_folders(refs: Iterable[str | os.PathLike[str]], cache_dir: str | os.PathLike[str] | None) -> list[Path]:
+    """The shard journals named by ``refs`` (shard journal folders, or folders holding them; none: the cache folder)."""
+    folders: list[Path] = []
+    refs = list(refs) or [resolve_cache_dir(cache_dir)]
+    for r in refs:
+        p = Path(r).expanduser()
+        if shard_of(p) is not None:
+            if not p.exists():
+                raise CacheError(f"shard journal not found: {p}")
+            folders.append(p)
+        elif p.is_dir() and not p.is_symlink() and _NAME_RE.match(p.name) is None:
+            found = [e for e in _cache_entries(p) if shard_of(e) is not None]
+            if not found:
+                raise CacheError(f"no shard journals (<name>.shard-<i>-of-<n>.partial, made by `featx extract --shard`) in {p}")
+            folders += found
+        else:
+            from featx.errors import UsageError
+
+            raise UsageError(f"{p} is neither a shard journal (<name>.shard-<i>-of-<n>.partial) nor a folder holding them")
+    return folders
+
+
+def _open_shard(folder: Path) -> CacheJournal:
+    why = journal_problem(folder)
+    if why:
+        raise NotFeatxError(folder, why)
+    j = CacheJournal.at(folder)
+    try:
+        j.open()
+    except ValueError as exc:
+        raise CacheError(f"shard journal {folder} is unusable ({exc}): run that shard's `featx extract --shard` again") from None
+    if j.header.get("shard") != list(j.shard or ()):
+        raise CacheError(f"shard journal {folder} says it is shard {j.header.get('shard')}, not its name's {j.shard}")
+    return j
+
+
+def _ranges(idx: list[int]) -> str:
+    out: list[str] = []
+    for i in idx:
+        if out and out[-1].split("-")[-1] == str(i - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{i}"
+        else:
+            out.append(str(i))
+    return ", ".join(out)
+
+
+def merge_shards(
+    refs: Iterable[str | os.PathLike[str]] = (), cache_dir: str | os.PathLike[str] | None = None
+) -> list[MergeResult]:
+    """Assemble the ordinary cache of each key from the partial journals of ``featx extract --shard i/n`` jobs.
+
+    ``refs``: shard journal folders (``<name>.shard-<i>-of-<n>.partial``, gathered from the machines that made them),
+    or folders holding them (default: the cache folder); the cache is written to ``cache_dir`` when given, else beside
+    the first shard journal. Refused with one line, before anything is written: a journal featx cannot prove it wrote,
+    journals of two different caches of one split (the jobs disagreed), journals whose headers differ (which fields,
+    the dataset fingerprint named), and missing or damaged chunks (which, and whose shard). The shard journals are
+    only read, never changed or deleted (``featx cache rm`` removes them). The cache is the one a single ``featx
+    extract`` writes (same key, rows, paths, labels, failures; features computed with the same batching)."""
+    folders = _shard_folders(refs, cache_dir)
+    groups: dict[str, list[CacheJournal]] = {}
+    for f in folders:
+        j = _open_shard(f)
+        groups.setdefault(_NAME_RE.match(f.name)["stem"], []).append(j)  # type: ignore[index]
+    # Several caches at once are fine (a dataset's splits); two keys for the same split mean the jobs disagreed.
+    by_split: dict[str, list[str]] = {}
+    for stem in sorted(groups):
+        by_split.setdefault(stem[: -len(groups[stem][0].header["key"]) - 1], []).append(stem)
+    for stems in by_split.values():
+        if len(stems) > 1:
+            ja, jb = groups[stems[0]][0], groups[stems[1]][0]
+            raise CacheError(
+                f"the shard journals are of different caches ({ja.dir.name} and {jb.dir.name}): "
+                f"{_header_differences(ja.header, jb.header)} differ; merge the shards of one extraction "
+                "(name its journals one by one); nothing was written"
+            )
+    plans = [_plan_merge(stem, journals) for stem, journals in sorted(groups.items())]  # every check first
+    out = []
+    for plan in plans:
+        out_dir = Path(cache_dir).expanduser() if cache_dir is not None else plan.journals[0].dir.parent
+        out.append(_write_merge(plan, out_dir))
+    return out
+
+
+@dataclass
+class _MergePlan:
+    """One cache's checked shard chunks, ready to be written (:func:`_plan_merge`, :func:`_write_merge`)."""
+
+    stem: str
+    journals: list[CacheJournal]
+    chunks: dict[int, tuple[CacheJournal, Path]]
+    paths: list[str]
+    labels: np.ndarray
+    failures: dict[int, str]
+    seconds: float
+    dim: int | None
+
+
+def _plan_merge(stem: str, journals: list[CacheJournal]) -> _MergePlan:
+    """Check one cache's shard journals (headers agree, every chunk present and whole); read their rows' paths."""
+    base = journals[0]
+    for j in journals[1:]:
+        diff = _header_differences(base.header, j.header)
+        if diff:
+            raise CacheError(
+                f"shard journal {j.dir} does not match {base.dir.name}: {diff} differ(s); run every shard with the "
+                "same options on the same dataset; nothing was written"
+            )
+    n_shards = int(base.header["shard"][1])
+    if any(int(j.header["shard"][1]) != n_shards for j in journals):
+        raise CacheError(f"the shard journals of {stem} split the work in different numbers of shards; nothing was written")
+    n_chunks, n = base.n_chunks, base.n_rows
+    labels = np.zeros(n, dtype=np.int64)
+    paths: list[str] = [""] * n
+    failures: dict[int, str] = {}
+    chunks: dict[int, tuple[CacheJournal, Path]] = {}
+    damaged: list[str] = []
+    seconds, dim = 0.0, None
+    for j in journals:
+        for i, p in sorted(j.chunk_files().items()):
+            if i in chunks:
+                continue
+            try:
+                c = j.read_chunk(p, i)
+                if c.paths is None or c.labels is None:
+                    raise ValueError("no paths and labels (not a shard journal's chunk)")
+                if dim is not None and c.features.shape[1] != dim:
+                    raise ValueError(f"{c.features.shape[1]} features, other chunks have {dim}")
+            except ValueError as exc:
+                damaged.append(f"{p.name}: {exc}")
+                continue
+            dim = int(c.features.shape[1])
+            stop = c.start + len(c.paths)
+            paths[c.start : stop] = c.paths
+            labels[c.start : stop] = c.labels
+            failures.update({c.start + k: r for k, r in enumerate(c.reasons) if r and not c.valid[k]})
+            seconds += c.seconds
+            chunks[i] = (j, p)
+    missing = [i for i in range(n_chunks) if i not in chunks]
+    if missing:
+        given = {j.shard[0] for j in journals if j.shard}
+        owners = []
+        for s in range(n_shards):
+            mine = [i for i in shard_chunks(n_chunks, (s, n_shards)) if i in set(missing)]
+            if mine:
+                owners.append(f"chunk(s) {_ranges(mine)} of shard {s}/{n_shards}" + ("" if s in given else " (not given)"))
+        bad = f" ({len(damaged)} damaged: {damaged[0]})" if damaged else ""
+        raise CacheError(
+            f"cannot merge {stem}: {len(missing)} of {n_chunks} chunks missing{bad}: {'; '.join(owners)}; run those "
+            "shards' `featx extract --shard i/n` again (they resume) and merge again; nothing was written"
+        )
+    return _MergePlan(stem, journals, chunks, paths, labels, failures, seconds, dim)
+
+
+def _write_merge(plan: _MergePlan, out_dir: Path) -> MergeResult:
+    """Write one planned merge as the ordinary cache (under its key lock; an existing cache is a hit)."""
+    stem, journals, chunks, base = plan.stem, plan.journals, plan.chunks, plan.journals[0]
+    n_chunks, n, n_shards = base.n_chunks, base.n_rows, int(base.header["shard"][1])
+    final = out_dir / f"{stem}.h5"
+    key = base.header["key"]
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CacheError(f"cannot use cache folder {out_dir}: {exc.strerror or exc}") from None
+    with KeyLock(lock_path(final)):
+        if final.exists() or final.is_symlink():
+            why = cache_file_problem(final)
+            if why:
+                raise NotFeatxError(final, why)
+            a = read_cache_attrs(final)
+            return MergeResult(final, key, int(a["n_images"]), int(a["n_failed"]), len(journals), hit=True)
+        cache_attrs = dict(base.header["cache_attrs"])
+        dtype = np.float16 if cache_attrs.get("dtype") == "float16" else np.float32
+        attrs = {
+            **base_attrs(),
+            **cache_attrs,
+            "extraction_seconds": plan.seconds,
+            "n_images": n,
+            "feature_dim": int(plan.dim or 0),
+            "images_per_s": 0.0,
+            "resumed_at": 0,
+            "merged_shards": n_shards,
+        }
+
+        def blocks() -> Iterator[tuple[int, np.ndarray, np.ndarray, list[str]]]:
+            for i in range(n_chunks):
+                j, p = chunks[i]
+                try:
+                    c = j.read_chunk(p, i)
+                except ValueError as exc:
+                    raise CacheError(f"shard chunk {p} changed while merging ({exc}); nothing was written") from None
+                yield c.start, c.features, c.valid, c.reasons
+
+        write_cache_file(
+            final,
+            n_rows=n,
+            blocks=blocks(),
+            labels=plan.labels,
+            paths=plan.paths,
+            classes=list(base.header.get("classes") or []),
+            attrs=attrs,
+            dtype=dtype,
+        )
+    return MergeResult(final, key, n, len(plan.failures), len(journals))

@@ -195,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="re-extract even if a cache exists (the old cache is replaced only once the new one is complete)",
     )
     p.add_argument("--strict", action="store_true", help="any image that cannot be read is an error (exit 2; the cache is kept)")
+    p.add_argument(
+        "--shard",
+        metavar="I/N",
+        default=None,
+        help="a separate job (no torchrun, no shared folder) computing the I-th of N parts (0-based) into its own journal; "
+        "`featx cache merge` assembles the cache from all N",
+    )
     _add_outside_root(p)
     p.set_defaults(func=cmd_extract)
 
@@ -220,6 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--all", action="store_true", help="remove every cache featx wrote in the folder (the rest is left alone)")
     _add_cache_dir(q)
     q.set_defaults(func=cmd_cache_rm)
+    q = csub.add_parser("merge", help="assemble caches from the shard journals of `featx extract --shard I/N` jobs")
+    q.add_argument(
+        "refs",
+        nargs="*",
+        help="shard journal folders (*.shard-I-of-N.partial) or folders holding them (default: the cache folder)",
+    )
+    q.add_argument("--cache-dir", default=None, help="where to write the cache (default: beside the first shard journal)")
+    q.set_defaults(func=cmd_cache_merge)
 
     p = sub.add_parser("fit-head", help="train sklearn heads on cached features", epilog=EPILOG)
     p.add_argument("dataset", nargs="?", help="dataset whose caches to use (same backbone options as extract)")
@@ -372,11 +387,17 @@ def _err(msg: str) -> None:
 
 def cmd_extract(args: argparse.Namespace) -> int:
     from featx.data import load_dataset
-    from featx.extraction import extract
+    from featx.distributed import is_main_process, launched
+    from featx.extraction import extract, parse_shard
 
-    ds = load_dataset(args.dataset, allow_outside_root=args.allow_outside_root)
-    for note in ds.notes:
-        _err(f"  note: {note}")
+    parse_shard(args.shard)  # a bad --shard is a usage error before the dataset is read
+    main = is_main_process()
+    if launched():  # under torchrun rank 0 scans the dataset once, inside extract()
+        ds = args.dataset
+    else:
+        ds = load_dataset(args.dataset, allow_outside_root=args.allow_outside_root)
+        for note in ds.notes:
+            _err(f"  note: {note}")
     results = extract(
         ds,
         splits=args.splits.split(",") if args.splits else None,
@@ -391,7 +412,10 @@ def cmd_extract(args: argparse.Namespace) -> int:
         progress=_progress(args),
         strict=args.strict,
         allow_outside_root=args.allow_outside_root,
+        shard=args.shard,
     )
+    if not main:  # every rank returns the same results: rank 0 prints them
+        return 0
     for r in results:
         for path, reason in r.failures[:5]:
             _err(f"  skipped {path}: {reason}")
@@ -400,7 +424,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
     skipped = sum(r.n_failed for r in results)
     seconds = sum(r.seconds for r in results)
     hits = sum(r.hit for r in results)
-    extra = f", {ds.ignored_files} non-image files ignored" if ds.ignored_files else ""
+    ignored = getattr(ds, "ignored_files", 0)
+    extra = f", {ignored} non-image files ignored" if ignored else ""
     print(f"done: {total} images, {skipped} skipped, {hits}/{len(results)} cache hits, {seconds:.1f} s{extra}")
     return 0
 
@@ -442,6 +467,14 @@ def cmd_cache_ls(args: argparse.Namespace) -> int:
     if foreign:
         what = "entry is" if foreign == 1 else "entries are"
         print(f"{foreign} {what} not featx's: `featx cache rm` leaves them alone (--json says why)")
+    return 0
+
+
+def cmd_cache_merge(args: argparse.Namespace) -> int:
+    from featx.cache import merge_shards
+
+    for r in merge_shards(args.refs, args.cache_dir):
+        print(r.summary())
     return 0
 
 
@@ -795,6 +828,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except FeatxError as exc:
+        if getattr(exc, "on_every_rank", False):  # under torchrun: the same error on every rank, printed by rank 0
+            from featx.distributed import is_main_process
+
+            if not is_main_process():
+                return exc.exit_code
         _err(f"featx: error: {exc}")
         if args.verbose:
             traceback.print_exc()

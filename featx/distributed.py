@@ -9,8 +9,10 @@ and every caller keeps its single-process path. torch is imported only when a gr
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +30,8 @@ class DistContext:
     local_rank: int
     backend: str  # "gloo" or "nccl"
     device: str  # "cpu" or "cuda:<local_rank>"
+    local_world_size: int = 1  # ranks on this machine (torchrun's LOCAL_WORLD_SIZE)
+    owns_group: bool = False  # from_environment joined the group (and close() leaves it); else a caller had joined it
 
     @property
     def is_main(self) -> bool:
@@ -63,10 +67,39 @@ class DistContext:
         if dist.is_initialized():
             dist.destroy_process_group()
 
+    @contextlib.contextmanager
+    def cpu_share(self) -> Iterator[list[int]]:
+        """While inside, this rank runs on its share of the machine's cores: the affinity mask split into
+        ``local_world_size`` contiguous, disjoint parts (so featx's per-process defaults, one decode stream or thread
+        per usable core, do not start N times the cores). The mask is restored on exit. Where the mask has fewer cores
+        than ranks, or the platform has no affinity, nothing changes. Yields the cores this rank uses."""
+        try:
+            mask = sorted(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            yield []
+            return
+        n = max(1, self.local_world_size)
+        if n == 1 or len(mask) < n:
+            yield mask
+            return
+        k = len(mask) // n
+        mine = mask[self.local_rank * k : (self.local_rank + 1) * k]
+        os.sched_setaffinity(0, mine)
+        try:
+            yield mine
+        finally:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(0, mask)
+
 
 def launched() -> bool:
     """True in a process that torchrun (or an equivalent launcher) started as one rank of several."""
     return all(v in os.environ for v in ENV_VARS) and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def is_main_process() -> bool:
+    """False only in a rank other than 0 of a torchrun job (the CLI prints its summaries on rank 0 only)."""
+    return not launched() or os.environ.get("RANK") == "0"
 
 
 def _int_env(name: str) -> int:
@@ -102,6 +135,10 @@ def from_environment(device: str | None = None, *, timeout_s: float = 1800.0) ->
         backend, dev = "nccl", f"cuda:{local}"
     else:
         backend, dev = "gloo", "cpu"
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         dist.init_process_group(backend=backend, timeout=_dt.timedelta(seconds=timeout_s))
-    return DistContext(rank=rank, world_size=world, local_rank=local, backend=backend, device=dev)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or 1) if (os.environ.get("LOCAL_WORLD_SIZE") or "1").isdigit() else 1
+    return DistContext(
+        rank=rank, world_size=world, local_rank=local, backend=backend, device=dev, local_world_size=local_world, owns_group=owns
+    )

@@ -13,6 +13,7 @@ and the cache is bit-identical on the CPU) and assembles the cache.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -27,13 +28,14 @@ from typing import Any
 
 import numpy as np
 
-from featx import __version__, runtime
+from featx import __version__, distributed, runtime
 from featx.backbones import POOLED, Backbone, EmbedderSpec, build_embedder, embedder_spec
 from featx.cache import (
     CacheJournal,
     CacheReader,
     CacheSpec,
     Chunk,
+    JournalState,
     KeyLock,
     NotFeatxError,
     base_attrs,
@@ -45,12 +47,14 @@ from featx.cache import (
     read_failures,
     remove_assembly_file,
     resolve_cache_dir,
+    shard_chunks,
     write_cache_file,
     write_error,
 )
 from featx.data import ImageDataset, Split, is_transient_failure, load_dataset, printable_path, refuse_inside_dataset
 from featx.errors import CacheError, DataError, FeatxError, UsageError
 from featx.inference import (  # noqa: F401  (compute_features is re-exported)
+    StageTimes,
     check_forward_memory,
     compute_features,
     default_batch_size,
@@ -94,8 +98,14 @@ class ExtractResult:
     resumed_at: int = 0  # rows taken from an interrupted run's journal
     retried: int = 0  # earlier transient failures computed again (cache hit otherwise)
     notes: tuple[str, ...] = field(default=())
+    shard: str = ""  # "i/n" for a --shard job: ``path`` is its shard journal, ``n_images`` its share of the rows
 
     def summary(self) -> str:
+        if self.shard and not self.hit:
+            return (
+                f"{self.split}: shard {self.shard}: {self.n_images} images of its share, {self.n_failed} skipped, "
+                f"{self.seconds:.1f} s -> {self.path.name} (when every shard is done: featx cache merge)"
+            )
         if self.hit:
             return f"{self.split}: cache hit {self.path.name} ({self.n_images} images, no model run)"
         if self.retried:
@@ -293,6 +303,7 @@ class _ChunkWriter:
     def __init__(self, journal: CacheJournal, depth: int = WRITE_QUEUE_DEPTH) -> None:
         self.journal = journal
         self.written: dict[int, Path] = {}
+        self.seconds = 0.0  # time spent writing chunks (in the thread, overlapping the next batches)
         self._q: queue.Queue[Chunk | None] = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._failed_chunk = -1
@@ -307,7 +318,9 @@ class _ChunkWriter:
             if self._error is not None:
                 continue  # keep draining so that put() never blocks forever
             try:
+                t = time.perf_counter()
                 self.written[chunk.index] = self.journal.write_chunk(chunk)
+                self.seconds += time.perf_counter() - t
             except BaseException as exc:  # re-raised in the caller's thread
                 self._error, self._failed_chunk = exc, chunk.index
 
@@ -343,6 +356,10 @@ class _ChunkWriter:
 # extract()
 
 
+#: Seconds any rank of a torchrun extraction waits in one collective (rank 0's scan, journal preparation, assembly).
+EXTRACT_COLLECTIVE_TIMEOUT_S = 12 * 3600.0
+
+
 def extract(
     dataset: str | Path | ImageDataset,
     embedder: EmbedderSpec | None = None,
@@ -363,6 +380,7 @@ def extract(
     batch_size: int | None = None,
     num_workers: int | None = None,
     channels_last: bool | None = None,
+    shard: str | tuple[int, int] | None = None,
 ) -> list[ExtractResult]:
     """Extract the features of ``embedder`` (an :class:`~featx.backbones.EmbedderSpec`) for each split of
     ``dataset`` into the cache folder; existing caches are hits.
@@ -376,21 +394,102 @@ def extract(
     run is resumed from its journal. ``force`` rebuilds a cache even if one exists; the old one is replaced
     only when the new one is complete. ``strict`` raises :class:`DataError` when any image of a split could
     not be read (the cache is still written). Returns one result per split.
+
+    Under ``torchrun`` (:func:`featx.distributed.from_environment`) every rank calls this with the same arguments:
+    rank 0 scans the dataset and prepares each split's journal, the ranks compute disjoint sets of its missing
+    chunks, rank 0 assembles the cache, and every rank returns the same results (the single-process cache).
+    ``shard`` ``"i/n"`` (or ``(i, n)``, 0 <= i < n): a separate job computes only the i-th of n contiguous ranges of
+    chunks into its own journal ``<name>.shard-<i>-of-<n>.partial``; :func:`featx.cache.merge_shards` (``featx cache
+    merge``) assembles the cache from all n.
     """
-    ds = dataset if isinstance(dataset, ImageDataset) else load_dataset(dataset, allow_outside_root=allow_outside_root)
-    names = list(splits) if splits else list(ds.splits)
-    for n in names:
-        ds.split(n)  # raises a clear error for a split the dataset does not have
+    shard_ = parse_shard(shard)
     embedder = embedder_spec(
         embedder, backbone=backbone, weights=weights, layer=layer, image_size=image_size, precision=precision
     )
     settings = runtime.inference_settings(
         settings, device=device, batch_size=batch_size, num_workers=num_workers, channels_last=channels_last
     )
+    ctx = None
+    if distributed.launched():
+        if shard_ is not None:
+            raise UsageError("--shard is for separate jobs without torchrun (under torchrun the ranks share one journal)")
+        # collectives wait while rank 0 scans, prepares and assembles (hours for millions of images): a long bound;
+        # a rank that dies is noticed at once anyway (gloo's closed connection; torchrun stops the others)
+        ctx = distributed.from_environment(settings.device, timeout_s=EXTRACT_COLLECTIVE_TIMEOUT_S)
+    try:
+        if ctx is None:
+            ds = dataset if isinstance(dataset, ImageDataset) else load_dataset(dataset, allow_outside_root=allow_outside_root)
+            return _extract_all(ds, splits, embedder, settings, cache_dir, force, progress, strict, None, shard_)
+        if ctx.device.startswith("cuda"):
+            settings = settings.with_(device=ctx.device)
+        with ctx.cpu_share():
+            if isinstance(dataset, ImageDataset):
+                ds = dataset
+            else:  # the scan runs once, on rank 0, and is shared
+                ds = _on_main(ctx, lambda: load_dataset(dataset, allow_outside_root=allow_outside_root))
+            return _extract_all(ds, splits, embedder, settings, cache_dir, force, progress and ctx.is_main, strict, ctx, None)
+    finally:
+        if ctx is not None and ctx.owns_group:
+            with contextlib.suppress(Exception):
+                ctx.close()
+
+
+def parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    """``"i/n"`` or ``(i, n)`` -> (i, n) with 0 <= i < n; a :class:`UsageError` otherwise."""
+    if shard is None:
+        return None
+    text = shard if isinstance(shard, str) else "/".join(map(str, shard))
+    i, sep, n = str(text).strip().partition("/")
+    if not (sep and i.isdigit() and n.isdigit() and 0 <= int(i) < int(n) <= 100000):
+        raise UsageError(f"--shard must be i/n with 0 <= i < n (0-based: 0/4 ... 3/4 for four jobs), got {text!r}")
+    return int(i), int(n)
+
+
+class _RankError(FeatxError):
+    """An error one rank raised, raised on every rank (with that rank's exit code); ``on_every_rank`` tells the CLI
+    that rank 0 prints it, so a job of N ranks prints one line, not N."""
+
+    on_every_rank = True
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _on_main(ctx: distributed.DistContext, fn: Callable[[], Any]) -> Any:
+    """``fn()`` run on rank 0 and its value broadcast; its FeatxError raised on every rank."""
+    box: tuple[str, Any, int] | None = None
+    if ctx.is_main:
+        try:
+            box = ("ok", fn(), 0)
+        except FeatxError as exc:
+            box = ("err", str(exc), exc.exit_code)
+    box = ctx.broadcast(box)
+    if box[0] == "err":
+        raise _RankError(box[1], box[2])
+    return box[1]
+
+
+def _extract_all(
+    ds: ImageDataset,
+    splits: Sequence[str] | None,
+    embedder: EmbedderSpec,
+    settings: InferenceSettings,
+    cache_dir: str | Path | None,
+    force: bool,
+    progress: bool,
+    strict: bool,
+    ctx: distributed.DistContext | None,
+    shard: tuple[int, int] | None,
+) -> list[ExtractResult]:
+    names = list(splits) if splits else list(ds.splits)
+    for n in names:
+        ds.split(n)  # raises a clear error for a split the dataset does not have
     layer = embedder.layer
     cdir = resolve_cache_dir(cache_dir)
-    refuse_inside_dataset(cdir, ds, "--cache-dir")
-    _prepare_cache_dir(cdir)
+    if ctx is None or ctx.is_main:
+        refuse_inside_dataset(cdir, ds, "--cache-dir")
+        _prepare_cache_dir(cdir)
     results: list[ExtractResult] = []
     built: list[Backbone] = []
     runners: dict[str, _Runner] = {}
@@ -410,11 +509,19 @@ def extract(
 
     for name in names:
         split = ds.split(name)
-        spec = cache_spec(split, embedder)
-        final = cache_path(cdir, ds.name, spec)
-        with KeyLock(lock_path(final)):  # a second run for the same key waits, then sees a hit
-            result = _extract_or_hit(ds, split, spec, final, get_runner, force=force, settings=settings, progress=progress)
-        results.append(result)
+        if ctx is not None:
+            result = _extract_split_dist(
+                ctx, ds, split, embedder, cdir, get_runner, force=force, settings=settings, progress=progress
+            )
+            results.append(result)
+        else:
+            spec = cache_spec(split, embedder)
+            final = cache_path(cdir, ds.name, spec)
+            with KeyLock(lock_path(final)):  # a second run for the same key waits, then sees a hit
+                result = _extract_or_hit(
+                    ds, split, spec, final, get_runner, force=force, settings=settings, progress=progress, shard=shard
+                )
+            results.append(result)
         if strict and result.n_failed:
             first = result.failures[0] if result.failures else _first_failure(result.path, split)
             raise DataError(
@@ -442,7 +549,11 @@ def _extract_or_hit(
     force: bool,
     settings: InferenceSettings,
     progress: bool,
-) -> ExtractResult:
+    shard: tuple[int, int] | None = None,
+    work: Callable[..., Any] | None = None,
+) -> Any:
+    """The split's cache hit (re-trying transient failures), else ``work`` (default :func:`_extract_split`) on its
+    journal (a shard's own journal with ``shard``)."""
     remove_assembly_file(final)  # an assembly killed before its rename (something foreign there: a clear error)
     journal = CacheJournal(final)
     hit = None if force else find_cache(final.parent, spec)
@@ -466,10 +577,180 @@ def _extract_or_hit(
         why = cache_file_problem(final)
         if why:
             raise NotFeatxError(final, why)
+    if shard is not None:
+        journal = CacheJournal(final, shard)
     journal.check_ours()  # never resume over, or discard, a folder featx cannot prove it wrote
-    return _with_interrupts(
-        final, split, lambda: _extract_split(ds, split, spec, journal, get_runner, settings=settings, progress=progress)
+    fn = work or _extract_split
+    return _with_interrupts(final, split, lambda: fn(ds, split, spec, journal, get_runner, settings=settings, progress=progress))
+
+
+# --------------------------------------------------------------------------------------------------
+# Under torchrun: rank 0 prepares and assembles, every rank computes its share of the missing chunks
+
+
+def _extract_split_dist(
+    ctx: distributed.DistContext,
+    ds: ImageDataset,
+    split: Split,
+    embedder: EmbedderSpec,
+    cdir: Path,
+    get_runner: Callable[[InferenceSettings], _Runner],
+    *,
+    force: bool,
+    settings: InferenceSettings,
+    progress: bool,
+) -> ExtractResult:
+    """One split under torchrun. Rank 0 holds the key lock throughout, finds a hit or prepares the journal (creating
+    it, or resuming it; the ONNX export, if one is needed, is made here, before the others build their runner) and
+    broadcasts its header and missing chunks; every rank computes a contiguous, balanced part of those chunks (no
+    padding, no chunk twice) and writes them with the journal's atomic chunk write; after a gather of every rank's
+    outcome rank 0 checks the journal and assembles the cache; all ranks return rank 0's result."""
+    t0 = time.perf_counter()
+    lock: KeyLock | None = None
+    prep: _Prepared | None = None
+    plan: dict[str, Any] = {}
+    try:
+        if ctx.is_main:
+            try:
+                spec = cache_spec(split, embedder)
+                final = cache_path(cdir, ds.name, spec)
+                lock = KeyLock(lock_path(final))
+                lock.__enter__()
+                got = _extract_or_hit(
+                    ds, split, spec, final, get_runner, force=force, settings=settings, progress=progress, work=_prepare_journal
+                )
+                if isinstance(got, ExtractResult):  # a hit (its transient failures re-tried here, on rank 0)
+                    plan = {"result": got}
+                else:
+                    prep = got
+                    journal = CacheJournal(final)
+                    journal.header = _journal_header_of(final)
+                    plan = {"final": final, "header": journal.header, "todo": prep.todo}
+            except FeatxError as exc:
+                plan = {"error": str(exc), "code": exc.exit_code}
+        plan = ctx.broadcast(plan)
+        if "error" in plan:
+            raise _RankError(plan["error"], plan["code"])
+        if "result" in plan:
+            return plan["result"]
+        final, header, todo = plan["final"], plan["header"], plan["todo"]
+        shares = [[int(i) for i in part] for part in np.array_split(np.asarray(todo, dtype=np.int64), ctx.world_size)]
+        journal = CacheJournal(final)
+        journal.header = header
+        status: tuple[str, Any, int]
+        try:
+            with _signals_raise():
+                try:
+                    computed = _compute_share(ctx, split, journal, shares[ctx.rank], prep, get_runner, settings, progress)
+                    status = ("ok", computed, 0)
+                except FeatxError as exc:
+                    status = ("err", str(exc), exc.exit_code)
+                statuses = ctx.gather(status)
+        except (KeyboardInterrupt, _Terminated) as exc:
+            sig, code = ("SIGTERM", 143) if isinstance(exc, _Terminated) else ("SIGINT", 130)
+            raise ExtractionInterrupted(
+                _stopped(ctx, split, journal, shares, f"this rank ({ctx.rank}) got {sig}"), code
+            ) from None
+        except RuntimeError as exc:  # a collective failed: a rank went away
+            log.debug("rank %d: collective failed: %s", ctx.rank, exc)
+            raise CacheError(_stopped(ctx, split, journal, shares, f"rank {ctx.rank} lost its connection to them")) from None
+        failed = [(r, st) for r, st in enumerate(statuses) if st[0] == "err"]
+        if failed:
+            r, st = failed[0]
+            raise _RankError(f"rank {r}: {st[1]}", st[2])
+        computed = sum(int(st[1]) for st in statuses)
+        return _on_main(ctx, lambda: _with_interrupts(final, split, lambda: _assemble_dist(split, journal, prep, computed, t0)))
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _journal_header_of(final: Path) -> dict[str, Any]:
+    j = CacheJournal(final)
+    j.open()
+    return j.header
+
+
+def _compute_share(
+    ctx: distributed.DistContext,
+    split: Split,
+    journal: CacheJournal,
+    mine: list[int],
+    prep: _Prepared | None,
+    get_runner: Callable[[InferenceSettings], _Runner],
+    settings: InferenceSettings,
+    progress: bool,
+) -> int:
+    """This rank's chunks of the journal rank 0 prepared. A rank other than 0 first checks that it sees that very
+    journal (the cache folder must be shared) and that its runner computes what the header says."""
+    if ctx.is_main:
+        assert prep is not None
+        state, runner, dev = prep.state, prep.runner, prep.dev
+    else:
+        try:
+            seen = _journal_header_of(journal.final)
+        except ValueError as exc:
+            seen = {"problem": str(exc)}
+        if seen != journal.header:
+            why = seen.get("problem", "its journal.json differs from rank 0's")
+            raise CacheError(
+                f"rank {ctx.rank} does not see the journal {journal.dir} that rank 0 prepared ({why}): under torchrun "
+                "the cache folder must be on a filesystem every rank shares (else: --shard i/n jobs and featx cache merge)"
+            )
+        state, runner, dev = JournalState(), None, None
+        if mine:
+            runner = get_runner(settings)
+            made = (journal.header.get("runtime", "torch"), journal.header["cache_attrs"].get("embedder"))
+            if (runner.runtime, _norm_json(runner.embedder)) != made:
+                raise CacheError(
+                    f"rank {ctx.rank} resolves the model differently from rank 0 ({runner.runtime} vs {made[0]}): "
+                    "give every rank the same featx, weights and runtime"
+                )
+            dev = runtime.CpuDevice() if runner.runtime == "onnxruntime" else runtime.resolve_device(settings.device)
+    rows = journal.done_rows(mine)
+    which = f"chunks {mine[0]}-{mine[-1]}" if len(mine) > 1 else f"chunk {mine[0]}" if mine else "no chunk"
+    log.info("rank %d computes %s of %d (%d rows)", ctx.rank, which, journal.n_chunks, rows)
+    if not mine:
+        return 0
+    assert runner is not None
+    emb = journal.header["embedder"]
+    return _compute_missing(
+        split, journal, state, runner, layer=emb["layer"], precision=emb.get("precision", "fp32"), dev=dev,
+        settings=settings, progress=progress, chunks=mine, who=f"rank {ctx.rank} ",
+    )  # fmt: skip
+
+
+def _stopped(ctx: distributed.DistContext, split: Split, journal: CacheJournal, shares: list[list[int]], how: str) -> str:
+    """One line for a job that stopped because a rank went away: which ranks had not written all their chunks (from
+    the shared journal), what happened here, where the finished chunks are, and how to resume."""
+    have = set(journal.chunk_files())
+    short = [r for r, part in enumerate(shares) if r != ctx.rank and any(i not in have for i in part)]
+    who = (
+        f"rank{'s' if len(short) > 1 else ''} {', '.join(map(str, short))} stopped before writing all "
+        f"{'their' if len(short) > 1 else 'its'} chunks (killed or crashed: torchrun's summary gives the exit)"
+        if short
+        else "another rank stopped"
     )
+    total = sum(1 for i in have if i < journal.n_chunks)
+    return (
+        f"distributed extraction of split '{split.name}' failed: {who}; {how}; {total} of {journal.n_chunks} chunks are "
+        f"kept in {journal.dir.name}: run the same command again to resume"
+    )
+
+
+def _assemble_dist(split: Split, journal: CacheJournal, prep: _Prepared | None, computed: int, t0: float) -> ExtractResult:
+    """Rank 0, after every rank reported: the journal checked again (every rank's chunks) and assembled."""
+    journal.open()
+    state = journal.verify()
+    for problem in state.problems:
+        log.warning("%s: discarded damaged chunk %s", journal.dir.name, problem)
+    missing = [i for i in range(journal.n_chunks) if i not in state.chunks]
+    if missing:
+        raise CacheError(
+            f"{len(missing)} of {journal.n_chunks} chunks of {journal.dir} are missing after every rank finished "
+            f"(first: {missing[0]}); run the same command again to compute them"
+        )
+    return _assemble(split, journal, state, prep.resumed_at if prep else 0, computed, t0)
 
 
 def _discard_quietly(journal: CacheJournal) -> None:
@@ -512,6 +793,47 @@ def _extract_split(
     progress: bool,
 ) -> ExtractResult:
     t0 = time.perf_counter()
+    prep = _prepare_journal(ds, split, spec, journal, get_runner, settings=settings)
+    computed = 0
+    if prep.todo:
+        computed = _compute_missing(
+            split, journal, prep.state, prep.runner, layer=spec.embedder.layer, precision=spec.embedder.precision,
+            dev=prep.dev, settings=settings, progress=progress, chunks=prep.todo,
+        )  # fmt: skip
+    if journal.shard is not None:
+        return _shard_result(split, journal, prep, computed, t0)
+    return _assemble(split, journal, prep.state, prep.resumed_at, computed, t0)
+
+
+@dataclass
+class _Prepared:
+    """A split's journal ready for work: what it holds, the chunks still to compute here (all missing ones; a shard's
+    missing ones), the runner that computes them (None when there are none) and the device it runs on."""
+
+    state: JournalState
+    todo: list[int]
+    runner: _Runner | None
+    dev: Any
+    resumed_at: int
+
+
+def _wanted(journal: CacheJournal) -> list[int]:
+    """The chunks this journal is to hold: all of them, or a shard's share."""
+    return shard_chunks(journal.n_chunks, journal.shard) if journal.shard is not None else list(range(journal.n_chunks))
+
+
+def _prepare_journal(
+    ds: ImageDataset,
+    split: Split,
+    spec: CacheSpec,
+    journal: CacheJournal,
+    get_runner: Callable[[InferenceSettings], _Runner],
+    *,
+    settings: InferenceSettings,
+    progress: bool = False,
+) -> _Prepared:
+    """Resume the split's journal when it is current (its whole chunks kept), else create it (building the runner:
+    with ONNX Runtime this makes the export when there is none)."""
     layer, precision = spec.embedder.layer, spec.embedder.precision
     planned = planned_runtime(settings, runtime.device_type(settings.device), precision)
     dev = runtime.CpuDevice() if planned == "onnxruntime" else runtime.resolve_device(settings.device)
@@ -530,6 +852,7 @@ def _extract_split(
             "featx_version": __version__,
             **settings.to_dict(),
             "runtime": planned,
+            **({"shard": list(journal.shard)} if journal.shard is not None else {}),
         }
     )
     state = None
@@ -548,7 +871,7 @@ def _extract_split(
             journal.discard()
             state = None
     runner: _Runner | None = None
-    if state is None or len(state.chunks) < journal.n_chunks:
+    if state is None or any(i not in state.chunks for i in _wanted(journal)):
         runner = get_runner(settings)
         emb = runner.embedder
         requested["runtime"] = runner.runtime  # ``auto`` may have fallen back to PyTorch
@@ -598,6 +921,7 @@ def _extract_split(
                     "embedder": emb,
                     "cache_attrs": _norm_json(cache_attrs),
                     "created_at": base_attrs()["created_at"],
+                    **({"classes": list(split.classes)} if journal.shard is not None else {}),
                 }
             )
             state = journal.verify()
@@ -605,22 +929,30 @@ def _extract_split(
     if resumed_at and settings.batch_size and settings.batch_size != journal.header["batch_size"]:
         kept = journal.header["batch_size"]
         log.info("resuming with the journal's batch size %s (asked: %s) so that the batches match", kept, settings.batch_size)
+    todo = [i for i in _wanted(journal) if i not in state.chunks]
+    return _Prepared(state, todo, runner if todo else None, dev, resumed_at)
+
+
+def _shard_result(split: Split, journal: CacheJournal, prep: _Prepared, computed: int, t0: float) -> ExtractResult:
+    """A --shard job's result: its journal holds its share; `featx cache merge` makes the cache."""
+    mine = _wanted(journal)
+    rows = journal.done_rows(mine)
+    lo, hi = (journal.chunk_range(mine[0])[0], journal.chunk_range(mine[-1])[1]) if mine else (0, 0)
+    failures = tuple((printable_path(split.paths[i]), r) for i, r in sorted(prep.state.failures.items()) if lo <= i < hi)
+    seconds = time.perf_counter() - t0
+    ips = computed / seconds if seconds else 0.0
+    shard = f"{journal.shard[0]}/{journal.shard[1]}" if journal.shard else ""
+    key = str(journal.header["key"])
+    return ExtractResult(split.name, journal.dir, key, False, rows, len(failures), seconds, ips, failures, 0, shard=shard)
+
+
+def _assemble(
+    split: Split, journal: CacheJournal, state: JournalState, resumed_at: int, computed: int, t0: float
+) -> ExtractResult:
+    """The cache from a journal that holds every chunk (checked), then the journal discarded."""
+    n = len(split)
     cache_attrs = dict(journal.header["cache_attrs"])
     dtype = np.float16 if cache_attrs.get("dtype") == "float16" else np.float32
-    computed = 0
-    if runner is not None:
-        computed = _compute_missing(
-            split,
-            journal,
-            state,
-            runner,
-            layer=layer,
-            precision=precision,
-            dev=dev,
-            settings=settings,
-            progress=progress,
-            dtype=dtype,
-        )
     if resumed_at:
         log.info("%s: resumed at %d of %d images (journal %s)", split.name, resumed_at, n, journal.dir.name)
     if len(state.failures) == n:
@@ -650,6 +982,7 @@ def _extract_split(
                 raise CacheError(f"journal chunk {state.chunks[i]} went bad ({exc}); run the same command again") from None
             yield c.start, c.features, c.valid, c.reasons
 
+    t_assembly = time.perf_counter()
     path = write_cache_file(
         journal.final,
         n_rows=n,
@@ -662,12 +995,15 @@ def _extract_split(
         journal=journal.dir,
     )
     _discard_quietly(journal)
+    t_assembly = time.perf_counter() - t_assembly
+    log.info("%s: cache assembled from %d journal chunks in %.2f s", split.name, journal.n_chunks, t_assembly)
     seconds = time.perf_counter() - t0
     failures = tuple((printable_path(split.paths[i]), r) for i, r in sorted(state.failures.items()))
     for p, r in failures:
         log.debug("skipped %s: %s", p, r)
     ips = computed / seconds if seconds else 0.0
-    return ExtractResult(split.name, path, spec.key(), False, n, len(failures), seconds, ips, failures, resumed_at)
+    key = str(journal.header["key"])
+    return ExtractResult(split.name, path, key, False, n, len(failures), seconds, ips, failures, resumed_at)
 
 
 def _compute_missing(
@@ -681,19 +1017,25 @@ def _compute_missing(
     dev: Any,
     settings: InferenceSettings,
     progress: bool,
-    dtype: Any,
+    chunks: Sequence[int],
+    who: str = "",
 ) -> int:
-    """Compute every chunk the journal lacks (contiguous runs of chunks, each one pass over its rows) and write
-    them through the background writer, with the journal's batch size and memory format. Returns the number of
-    rows computed."""
+    """Compute ``chunks`` (contiguous runs of chunks, each one pass over its rows) and write them through the
+    background writer, with the journal's batch size and memory format. Returns the number of rows computed.
+    Logs (info) where the time went: decode, forward, journal writes (``who``: "rank R " under torchrun)."""
+    t_start = time.perf_counter()
+    prof = StageTimes()
+    written_s = 0.0
     h = journal.header
+    dtype = np.float16 if h["cache_attrs"].get("dtype") == "float16" else np.float32
+    rows_in_chunks = journal.shard is not None  # a shard journal's chunks carry their paths and labels
     bs, chunk_rows = int(h["batch_size"]), journal.chunk_rows
     workers = runtime.default_num_workers() if settings.num_workers is None else settings.num_workers
     if runner.runtime == "torch":
         runtime.configure_threads(workers, dev)
     run = settings.with_(device=str(dev), batch_size=bs, num_workers=workers, channels_last=bool(h.get("channels_last", True)))
     model = runner.model
-    missing = [i for i in range(journal.n_chunks) if i not in state.chunks]
+    missing = sorted(chunks)
     runs: list[tuple[int, int]] = []  # [first chunk, last chunk] of each contiguous run
     for i in missing:
         if runs and runs[-1][1] == i - 1:
@@ -719,6 +1061,7 @@ def _compute_missing(
                 precision=precision,
                 progress=progress,
                 desc=f"extract {split.name}",
+                profile=prof,
             ):
                 _raise_pending()
                 rows = np.asarray(b.positions, dtype=np.int64) + lo
@@ -745,6 +1088,10 @@ def _compute_missing(
                 if buf["filled"] == stop - start:
                     now = time.perf_counter()
                     chunk = Chunk(ci, start, buf["features"], buf["valid"], buf["reasons"], now - t_chunk)
+                    if rows_in_chunks:
+                        chunk = dataclasses.replace(
+                            chunk, paths=[printable_path(p) for p in split.paths[start:stop]], labels=split.labels[start:stop]
+                        )
                     t_chunk = now
                     state.seconds += chunk.seconds
                     state.dim = state.dim or int(buf["features"].shape[1])
@@ -757,15 +1104,23 @@ def _compute_missing(
                     w.close()
                 finally:
                     state.chunks.update(w.written)
+                    written_s += w.seconds
     finally:
         if writer is not None:
             try:
                 writer.close()
             finally:
                 state.chunks.update(writer.written)
+                written_s += writer.seconds
     _raise_pending()
-    if len(state.chunks) != journal.n_chunks:
-        raise CacheError(f"internal: {len(state.chunks)} of {journal.n_chunks} journal chunks after extraction")
+    log.info(
+        "%s%s: %d rows in %.1f s (%.1f img/s): decode %.1f s, forward %.1f s, waiting for batches %.1f s, "
+        "journal writes %.1f s (in the background; decode/forward summed over parallel streams)",
+        who, split.name, computed, time.perf_counter() - t_start, computed / max(time.perf_counter() - t_start, 1e-9),
+        prof.decode, prof.forward, prof.wait, written_s,
+    )  # fmt: skip
+    if any(i not in state.chunks for i in missing):
+        raise CacheError(f"internal: {sum(i in state.chunks for i in missing)} of {len(missing)} journal chunks after extraction")
     return computed
 
 
