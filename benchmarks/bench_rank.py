@@ -1,0 +1,443 @@
+"""Evidence for `featx rank`: do transferability scores computed on the train rows order (backbone, layer, weights)
+candidates the way the val-tuned linear probe's test accuracy does?
+
+Candidates per dataset: EfficientNet-Lite0/-Lite1/-Lite2 (ImageNet weights) x every tappable layer (7 blocks + the
+pooled output), Lite0 with ``--weights none`` (random init, a floor) at three layers, and Lite0 fine-tuned by
+``featx finetune`` on *another* dataset (its checkpoint used as ``--weights``) at four layers: 31 per dataset.
+
+For each candidate: the val-tuned logistic-regression probe (``featx.heads.fit_head``, fit-head's sweep and
+train+val refit, test scored once) and every score of ``featx.ranking`` on the probe's train rows (SplitPlan's
+rows: val is carved out of train where the dataset has none). Per dataset: Kendall tau, Spearman rho, top-1 regret.
+
+CPU budget (2 shared cores): work is done in pieces, each piece saved at once, so a rerun skips finished work:
+  * features: one forward pass per (dataset, source) for all layers at once (the bench's layer-wise tap,
+    ``Backbone.multi_layer_model``), every split, kept as ``.npz`` in ``--work`` (not committed);
+  * probes and scores: one record per candidate in ``benchmarks/results/ranking/candidates.json``.
+``run --budget-s S`` does pieces until S seconds have passed and exits 3 while work remains:
+
+    while true; do flock /tmp/featx-cpu.lock python benchmarks/bench_rank.py run --budget-s 280; [ $? = 3 ] || break; done
+    python benchmarks/bench_rank.py report          # ranking.md, ranking.json, ranking.png (cheap; rescoring included)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "ranking"
+WORK = ROOT / "runs" / "bench_rank"
+SHARED = Path(os.environ.get("FEATX_SHARED_DATA", "/work/shared/data"))
+IMAGE_SIZE = None  # the weights' own input size (224 / 240 / 260 px)
+DATASETS = ["hymenoptera", "flowers17", "clothing10", "digits"]
+BACKBONES = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+LAYERS = [f"blocks.{i}" for i in range(7)] + ["pooled"]
+NONE_LAYERS = ["blocks.2", "blocks.4", "pooled"]
+FT_LAYERS = ["blocks.4", "blocks.5", "blocks.6", "pooled"]
+# the fine-tuned checkpoint each dataset gets: from another dataset (never itself)
+FT_FROM = {"hymenoptera": "flowers17", "flowers17": "hymenoptera", "clothing10": "flowers17", "digits": "flowers17"}
+FT_EPOCHS = 3
+
+
+def dataset_path(name: str) -> Path:
+    return WORK / "data" / "digits" if name == "digits" else SHARED / name
+
+
+def sources(ds: str) -> list[dict[str, Any]]:
+    out = [
+        {"source": bb.replace("efficientnet_", ""), "backbone": bb, "weights": "imagenet", "layers": LAYERS} for bb in BACKBONES
+    ]
+    out.append({"source": "lite0-none", "backbone": BACKBONES[0], "weights": "none", "layers": NONE_LAYERS})
+    ckpt = WORK / "finetune" / FT_FROM[ds] / "checkpoint.pt"
+    out.append({"source": f"lite0-ft-{FT_FROM[ds]}", "backbone": BACKBONES[0], "weights": str(ckpt), "layers": FT_LAYERS})
+    return out
+
+
+def candidates(ds: str) -> list[dict[str, Any]]:
+    return [{**s, "layer": layer, "id": f"{ds}/{s['source']}/{layer}"} for s in sources(ds) for layer in s["layers"]]
+
+
+# --------------------------------------------------------------------------------------------------
+# Pieces
+
+
+def make_digits_piece() -> bool:
+    out = dataset_path("digits")
+    if (out / "test").is_dir():
+        return False
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from make_digits import make_digits
+
+    make_digits(out, size=64, force=True)
+    return True
+
+
+def finetune_piece(src: str) -> bool:
+    out = WORK / "finetune" / src
+    if (out / "result.json").is_file():
+        return False
+    from featx.finetuning import FinetuneConfig, finetune
+
+    cfg = FinetuneConfig(strategy="full", epochs=FT_EPOCHS, early_stopping_patience=0, num_workers=0)
+    t0 = time.perf_counter()
+    res = finetune(
+        str(dataset_path(src)),
+        backbone=BACKBONES[0],
+        image_size=IMAGE_SIZE,
+        config=cfg,
+        out_dir=out,
+        final_fit="train",
+        progress=False,
+    )
+    print(f"finetuned lite0 on {src}: test accuracy {res.get('accuracy')} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return True
+
+
+def features_file(ds: str, source: str) -> Path:
+    return WORK / "features" / ds / f"{source}.npz"
+
+
+def features_piece(ds: str, s: dict[str, Any]) -> bool:
+    """One forward pass over every split for all of the source's layers."""
+    path = features_file(ds, s["source"])
+    if path.is_file():
+        return False
+    import dataclasses
+
+    from featx.backbones import build_backbone
+    from featx.data import load_dataset
+    from featx.inference import compute_features
+
+    data = load_dataset(str(dataset_path(ds)))
+    bb = build_backbone(s["backbone"], s["weights"], image_size=IMAGE_SIZE)
+    model, dims = bb.multi_layer_model(s["layers"])
+    tap = dataclasses.replace(bb, model=model)
+    arrays: dict[str, Any] = {"layers": np.array(s["layers"]), "dims": np.array(dims)}
+    t0 = time.perf_counter()
+    for name, split in data.splits.items():
+        feats, errors = compute_features(tap, split.root, split.paths, progress=False)
+        if any(errors):
+            raise SystemExit(f"{ds}/{name}: {sum(bool(e) for e in errors)} images failed")
+        arrays[f"{name}_x"] = feats.astype(np.float32)
+        arrays[f"{name}_y"] = np.asarray(split.labels)
+    arrays["forward_seconds"] = np.array(time.perf_counter() - t0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+    print(f"features {ds}/{s['source']}: {sum(dims)} dims, {time.perf_counter() - t0:.0f} s", flush=True)
+    return True
+
+
+def load_layer(ds: str, source: str, layer: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The plan's train/val/test (features, labels) of one layer: val (and test) carved from train as fit-head does."""
+    from featx.data import SplitPlan
+
+    z = np.load(features_file(ds, source))
+    layers = [str(x) for x in z["layers"]]
+    bounds = np.cumsum([0, *[int(d) for d in z["dims"]]])
+    i = layers.index(layer)
+    cut = slice(bounds[i], bounds[i + 1])
+    train_x, train_y = z["train_x"][:, cut], z["train_y"]
+    carved = SplitPlan().carve(train_y, has_val="val_x" in z, has_test="test_x" in z)
+    out = {name: (train_x[rows], train_y[rows]) for name, rows in carved.items()}
+    for name in ("val", "test"):
+        if f"{name}_x" in z:
+            out[name] = (z[f"{name}_x"][:, cut], z[f"{name}_y"])
+    out["_rows"] = carved["train"]  # type: ignore[assignment]
+    return out
+
+
+def probe_piece(c: dict[str, Any], done: dict[str, Any]) -> bool:
+    if c["id"] in done and "probe_accuracy" in done[c["id"]]:
+        return False
+    from featx.cache import FeatureSet
+    from featx.heads import fit_head
+
+    ds = c["id"].split("/")[0]
+    parts = load_layer(ds, c["source"], c["layer"])
+    from featx.backbones import resolve_embedder
+
+    attrs = {"embedder": resolve_embedder(c["backbone"], c["weights"], layer=c["layer"], image_size=IMAGE_SIZE).to_dict()}
+    sets = {}
+    for name in ("train", "val", "test"):
+        x, y = parts[name]
+        classes = [str(k) for k in range(int(y.max()) + 1)]
+        sets[name] = FeatureSet(x, y, [str(i) for i in range(len(y))], np.arange(len(y)), classes, attrs, Path("."))
+    t0 = time.perf_counter()
+    head = fit_head(sets["train"], sets["val"], sets["test"], kind="logreg")
+    secs = time.perf_counter() - t0
+    rec = done.setdefault(c["id"], {})
+    rec.update(
+        {
+            "dataset": ds,
+            "source": c["source"],
+            "backbone": c["backbone"],
+            "weights": c["weights"]
+            if c["weights"] in ("imagenet", "none")
+            else f"featx checkpoint (lite0 fine-tuned on {FT_FROM[ds]})",
+            "layer": c["layer"],
+            "dim": int(parts["train"][0].shape[1]),
+            "n_train": int(len(parts["train"][1])),
+            "probe_accuracy": float((head.test_metrics or {})["accuracy"]),
+            "probe_val_accuracy": float(head.val_accuracy),
+            "probe_params": head.best_params,
+            "probe_seconds": secs,
+        }
+    )
+    print(f"probe {c['id']}: test {rec['probe_accuracy']:.4f} ({secs:.1f} s)", flush=True)
+    return True
+
+
+def score_candidate(c: dict[str, Any], rec: dict[str, Any], names: list[str]) -> None:
+    """Every score on the probe's train rows (never val or test), timed."""
+    from featx.ranking import SCORES
+
+    ds = c["id"].split("/")[0]
+    x, y = load_layer(ds, c["source"], c["layer"])["train"]
+    scores, seconds = {}, {}
+    for name in names:
+        t0 = time.perf_counter()
+        scores[name] = float(SCORES[name](x, y))
+        seconds[name] = time.perf_counter() - t0
+    rec["scores"], rec["score_seconds"] = scores, seconds
+
+
+def load_done() -> dict[str, Any]:
+    f = RESULTS / "candidates.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def save_done(done: dict[str, Any]) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    f = RESULTS / "candidates.json"
+    tmp = f.with_suffix(".tmp")
+    tmp.write_text(json.dumps(dict(sorted(done.items())), indent=1) + "\n")
+    os.replace(tmp, f)
+
+
+def run(budget_s: float, datasets: list[str]) -> int:
+    import torch
+
+    torch.set_num_threads(2)
+    t0 = time.perf_counter()
+
+    def over() -> bool:
+        return time.perf_counter() - t0 > budget_s
+
+    done = load_done()
+    steps: list[Any] = [make_digits_piece]
+    steps += [lambda s=s: finetune_piece(s) for s in sorted(set(FT_FROM[d] for d in datasets))]
+    for ds in datasets:
+        steps += [lambda ds=ds, s=s: features_piece(ds, s) for s in sources(ds)]
+    for ds in datasets:
+        steps += [lambda c=c: probe_piece(c, done) for c in candidates(ds)]
+    for step in steps:
+        if over():
+            save_done(done)
+            print(f"budget of {budget_s:.0f} s spent; run again for the rest", flush=True)
+            return 3
+        if step():
+            save_done(done)
+    save_done(done)
+    print("all pieces done", flush=True)
+    return 0
+
+
+SCORE_NAMES = ["logme", "hscore", "knn"]
+MACHINE = "2-core Intel Xeon VM, no GPU (shared with other jobs, each piece under flock /tmp/featx-cpu.lock)"
+
+
+def score_all(datasets: list[str], done: dict[str, Any]) -> None:
+    """Score every probed candidate that lacks a score (cheap: train rows only, from the saved features)."""
+    for ds in datasets:
+        for c in candidates(ds):
+            rec = done.get(c["id"])
+            if rec and "probe_accuracy" in rec and set(rec.get("scores", {})) != set(SCORE_NAMES):
+                score_candidate(c, rec, SCORE_NAMES)
+                save_done(done)
+
+
+def dataset_stats(recs: list[dict[str, Any]], score: str) -> dict[str, Any]:
+    from scipy import stats
+
+    acc = np.array([r["probe_accuracy"] for r in recs])
+    val = np.array([r[score] if score in r else r["scores"][score] for r in recs])
+    tau = stats.kendalltau(val, acc)
+    rho = stats.spearmanr(val, acc)
+    wtau = stats.weightedtau(val, acc)
+    pick = int(np.argmax(val))
+    best = int(np.argmax(acc))
+    return {
+        "kendall_tau": float(tau.statistic),
+        "kendall_p": float(tau.pvalue),
+        "spearman_rho": float(rho.statistic),
+        "weighted_tau": float(wtau.statistic),
+        "pick": recs[pick]["id"],
+        "pick_accuracy": float(acc[pick]),
+        "best": recs[best]["id"],
+        "best_accuracy": float(acc[best]),
+        "regret_points": float(100 * (acc[best] - acc[pick])),
+    }
+
+
+def report(datasets: list[str]) -> int:
+    done = load_done()
+    score_all(datasets, done)
+    per: dict[str, Any] = {}
+    for ds in datasets:
+        recs = [{**done[c["id"]], "id": c["id"]} for c in candidates(ds) if c["id"] in done and "scores" in done[c["id"]]]
+        if not recs:
+            continue
+        entry: dict[str, Any] = {"n_candidates": len(recs), "n_train": recs[0]["n_train"], "scores": {}}
+        for score in SCORE_NAMES:
+            entry["scores"][score] = dataset_stats(recs, score)
+            # the same on the ImageNet-weight candidates alone (the backbone x layer question without the floor)
+            inet = [r for r in recs if r["weights"] == "imagenet"]
+            entry["scores"][score]["imagenet_only"] = dataset_stats(inet, score)
+        # the probe's own val accuracy as a "score": what picking by the probe (the expensive way) gives
+        entry["scores"]["probe_val"] = dataset_stats([{**r, "probe_val": r["probe_val_accuracy"]} for r in recs], "probe_val")
+        score_s = sum(sum(r["score_seconds"].values()) for r in recs)
+        logme_s = sum(r["score_seconds"]["logme"] for r in recs)
+        probe_s = sum(r["probe_seconds"] for r in recs)
+        entry["seconds"] = {"all_scores": score_s, "logme": logme_s, "probes": probe_s, "probe_over_logme": probe_s / logme_s}
+        entry["candidates"] = recs
+        per[ds] = entry
+    out = {"machine": MACHINE, "image_size": "the weights' own (224/240/260 px)", "datasets": per}
+    (RESULTS / "ranking.json").write_text(json.dumps(out, indent=1) + "\n")
+    plot(per)
+    (ROOT / "benchmarks" / "results" / "ranking.md").write_text(markdown(per))
+    print(markdown(per))
+    return 0
+
+
+def plot(per: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(per), figsize=(4.2 * len(per), 4), squeeze=False)
+    colours = {"lite0": "C0", "lite1": "C1", "lite2": "C2", "lite0-none": "C7"}
+    for ax, (ds, e) in zip(axes[0], per.items()):
+        for r in e["candidates"]:
+            col = colours.get(r["source"], "C3")
+            ax.scatter(r["scores"]["logme"], 100 * r["probe_accuracy"], c=col, s=14)
+        for src, col in [*colours.items(), ("lite0-ft (other dataset)", "C3")]:
+            ax.scatter([], [], c=col, s=14, label=src)
+        st = e["scores"]["logme"]
+        ax.set_title(f"{ds}: tau {st['kendall_tau']:.2f}, regret {st['regret_points']:.1f} pt", fontsize=9)
+        ax.set_xlabel("LogME (train rows)")
+        ax.set_ylabel("val-tuned probe test accuracy (%)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "ranking.png", dpi=110)
+    plt.close(fig)
+
+
+def markdown(per: dict[str, Any]) -> str:
+    names = {
+        "logme": "LogME",
+        "hscore": "H-score (shrinkage)",
+        "knn": "LOO 10-NN acc.",
+        "probe_val": "probe val acc. (reference)",
+    }
+    lines = [
+        "# `featx rank`: transferability scores vs the val-tuned linear probe",
+        "",
+        "Command (pieces of <= ~5 min under the CPU lock; each piece saved, reruns skip finished work):",
+        "",
+        "```",
+        "while true; do flock /tmp/featx-cpu.lock python benchmarks/bench_rank.py run --budget-s 270; [ $? = 3 ] || break; done",
+        "python benchmarks/bench_rank.py report",
+        "```",
+        "",
+        f"Machine: {MACHINE}. Image size: each backbone's own (Lite0 224, Lite1 240, Lite2 260 px).",
+        "",
+        "Candidates per dataset (31): EfficientNet-Lite0/1/2 with ImageNet weights x 8 layers (`blocks.0`..`blocks.6`,",
+        "`pooled`); Lite0 with `--weights none` (random init: the floor) at `blocks.2`, `blocks.4`, `pooled`; Lite0",
+        f"fine-tuned by `featx finetune` ({FT_EPOCHS} epochs, full, final fit on train) on *another* dataset, its",
+        "checkpoint used as `--weights` (flowers17's for hymenoptera, clothing10 and digits; hymenoptera's for flowers17)",
+        "at `blocks.4`..`blocks.6`, `pooled`. Ground truth: fit-head's val-tuned logistic-regression probe",
+        "(`featx.heads.fit_head`, C swept on val, refit on train+val), test accuracy. Scores see only the probe's train",
+        "rows (SplitPlan: val and test carved out of train where the dataset has none; clothing10 has its own val).",
+        "Features: one forward pass per (dataset, backbone, weights) for all layers (the bench's multi-layer tap), kept",
+        "in `runs/bench_rank/` (not committed); per-candidate results in `ranking/candidates.json`.",
+        "",
+        "## Summary (all 31 candidates per dataset)",
+        "",
+        "| dataset | train rows | score | Kendall tau | Spearman rho | weighted tau | score's pick | its probe acc. | best candidate | best acc. | top-1 regret (points) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for ds, e in per.items():
+        for s, st in e["scores"].items():
+            lines.append(
+                f"| {ds} | {e['n_train']} | {names[s]} | {st['kendall_tau']:.3f} | {st['spearman_rho']:.3f} | {st['weighted_tau']:.3f} "
+                f"| `{st['pick'].split('/', 1)[1]}` | {100 * st['pick_accuracy']:.1f}% | `{st['best'].split('/', 1)[1]}` "
+                f"| {100 * st['best_accuracy']:.1f}% | {st['regret_points']:.1f} |"
+            )
+    lines += [
+        "",
+        "## The same on the 24 ImageNet-weight candidates (backbone x layer only, no floor, no fine-tuned weights)",
+        "",
+        "| dataset | score | Kendall tau | Spearman rho | score's pick | its probe acc. | best acc. | regret (points) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for ds, e in per.items():
+        for s in SCORE_NAMES:
+            st = e["scores"][s]["imagenet_only"]
+            lines.append(
+                f"| {ds} | {names[s]} | {st['kendall_tau']:.3f} | {st['spearman_rho']:.3f} | `{st['pick'].split('/', 1)[1]}` "
+                f"| {100 * st['pick_accuracy']:.1f}% | {100 * st['best_accuracy']:.1f}% | {st['regret_points']:.1f} |"
+            )
+    lines += [
+        "",
+        "## Cost (sum over the 31 candidates, from features in memory)",
+        "",
+        "| dataset | LogME s | all three scores s | probes s | probes / LogME |",
+        "|---|---|---|---|---|",
+    ]
+    for ds, e in per.items():
+        t = e["seconds"]
+        lines.append(f"| {ds} | {t['logme']:.2f} | {t['all_scores']:.2f} | {t['probes']:.1f} | {t['probe_over_logme']:.0f}x |")
+    lines += ["", "## Every candidate", ""]
+    for ds, e in per.items():
+        lines += [
+            f"### {ds}",
+            "",
+            "| candidate | dim | LogME | H-score | kNN | probe val | probe test |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in sorted(e["candidates"], key=lambda r: -r["scores"]["logme"]):
+            sc = r["scores"]
+            lines.append(
+                f"| `{r['id'].split('/', 1)[1]}` | {r['dim']} | {sc['logme']:.4f} | {sc['hscore']:.3f} | {sc['knn']:.3f} "
+                f"| {100 * r['probe_val_accuracy']:.1f}% | {100 * r['probe_accuracy']:.1f}% |"
+            )
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--budget-s", type=float, default=280.0)
+    r.add_argument("--datasets", nargs="+", default=DATASETS)
+    rep = sub.add_parser("report")
+    rep.add_argument("--datasets", nargs="+", default=DATASETS)
+    a = p.parse_args(argv)
+    if a.cmd == "run":
+        return run(a.budget_s, a.datasets)
+    return report(a.datasets)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
