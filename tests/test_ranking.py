@@ -83,15 +83,88 @@ def test_logme_equals_the_dense_oracle(shape: tuple[int, int, int]) -> None:
     assert logme(f, y) == pytest.approx(logme_dense(f, y), rel=1e-9, abs=1e-9)
 
 
-def test_logme_reproduces_the_reference_implementation_values() -> None:
-    """Values of thuml/LogME's ``LogME.fit`` (LogME.py at commit 3a08950, ``_fit_fixed_point``) on these fixed
-    arrays, computed once outside the suite (the repository states no licence, so its code is not included here)."""
+def logme_reference(f: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+    """You et al.'s published LogME code (thuml/LogME, ``LogME._fit_fixed_point``: the fixed point of the JMLR
+    version, arXiv 2110.10545), re-implemented here independently of featx: an SVD of F (for N > D their
+    ``truncated_svd``: the SVD of F^T F, singular values > 1e-10 kept), then per class the iteration on
+    sigma = s^2 and x = U^T y. Returns ``(score, alpha per class)``."""
+    n, d = f.shape
+    if n > d:
+        _, s2, vh = np.linalg.svd(f.T @ f)
+        s = np.sqrt(s2)
+        k = int((s > 1e-10).sum())
+        s, vh = s[:k], vh[:k]
+        u = (f @ vh.T) / s
+    else:
+        u, s, _ = np.linalg.svd(f, full_matrices=False)
+    sigma = (s**2).reshape(-1, 1)
+    evidences, alphas = [], []
+    for c in range(int(y.max()) + 1):
+        y_ = (y == c).astype(np.float64).reshape(-1, 1)
+        x2 = (u.T @ y_) ** 2
+        res_x2 = (y_**2).sum() - x2.sum()
+        alpha, beta = 1.0, 1.0
+        for _ in range(11):
+            t = alpha / beta
+            gamma = (sigma / (sigma + t)).sum()
+            m2 = (sigma * x2 / ((t + sigma) ** 2)).sum()
+            res2 = (x2 / ((1 + sigma / t) ** 2)).sum() + res_x2
+            alpha = gamma / (m2 + 1e-5)
+            beta = (n - gamma) / (res2 + 1e-5)
+            if abs(alpha / beta - t) / t <= 1e-3:
+                break
+        evidence = (
+            d / 2.0 * np.log(alpha)
+            + n / 2.0 * np.log(beta)
+            - 0.5 * np.sum(np.log(alpha + beta * sigma))  # over the k = rank(F) singular values only
+            - beta / 2.0 * res2
+            - alpha / 2.0 * m2
+            - n / 2.0 * np.log(2 * np.pi)
+        )
+        evidences.append(evidence / n)
+        alphas.append(alpha)
+    return float(np.mean(evidences)), np.array(alphas)
+
+
+@pytest.mark.parametrize("shape", [(200, 16, 3), (120, 40, 5), (300, 8, 2), (64, 64, 4)], ids=str)
+def test_logme_equals_the_published_reference_code_when_features_have_full_column_rank(
+    shape: tuple[int, int, int],
+) -> None:
+    n, d, c = shape
     rng = np.random.default_rng(25)
-    expected = {(200, 16, 3): -0.7983531168761665, (120, 40, 5): -0.5965251954605714, (300, 8, 2): -0.9901075378588555}
-    for (n, d, c), value in expected.items():
-        y = np.arange(n) % c
-        f = rng.normal(size=(n, d)) + 0.8 * np.eye(c, d)[y]
-        assert logme(f, y) == pytest.approx(value, rel=1e-12)
+    y = np.arange(n) % c
+    f = rng.normal(size=(n, d)) + 0.8 * np.eye(c, d)[y]
+    assert logme(f, y) == pytest.approx(logme_reference(f, y)[0], rel=1e-10)
+
+
+def test_logme_equals_the_reference_code_on_rank_deficient_features() -> None:
+    """18 columns of rank 12 (N > D): the reference's truncated SVD keeps the round-off eigenvalues of F^T F
+    (their square roots, ~1e-7, pass its 1e-10 cut), so its log|A| counts log(alpha) for them: it agrees with featx."""
+    rng = np.random.default_rng(7)
+    y = np.arange(150) % 3
+    base = rng.normal(size=(150, 12)) + np.eye(3, 12)[y]
+    f = np.hstack([base, base[:, :6] + base[:, 6:]])
+    assert logme(f, y) == pytest.approx(logme_reference(f, y)[0], rel=1e-8)
+    assert logme(f, y) == pytest.approx(logme_dense(f, y), rel=1e-8)
+
+
+@pytest.mark.parametrize("shape", [(40, 300, 4), (30, 64, 3)], ids=str)
+def test_logme_departs_from_the_reference_code_when_n_below_d_by_exactly_the_missing_log_det_term(
+    shape: tuple[int, int, int],
+) -> None:
+    """With N < D the reference code's log|A| sums log(alpha + beta sigma_i) over the N singular values of its thin
+    SVD only, dropping the (D - N) log(alpha) of the directions F does not span, while keeping D/2 log(alpha): its
+    score grows with D/N (here by whole units), so wide layers would win whenever N < D. featx uses the exact log|A|
+    of the paper's equation (what the dense oracle above computes). The difference is exactly
+    (D - N) / (2N) mean_c log(alpha_c), with the same alpha_c: everything else agrees."""
+    n, d, c = shape
+    rng = np.random.default_rng(7)
+    y = np.arange(n) % c
+    f = rng.normal(size=(n, d)) + np.eye(c, d)[y]
+    ref, alphas = logme_reference(f, y)
+    assert logme(f, y) == pytest.approx(logme_dense(f, y), rel=1e-8)
+    assert logme(f, y) == pytest.approx(ref - (d - n) / (2 * n) * float(np.mean(np.log(alphas))), rel=1e-8)
+    assert ref - logme(f, y) > 0.5  # the dropped term is not a rounding matter
 
 
 def test_logme_streamed_over_chunks_equals_in_memory() -> None:

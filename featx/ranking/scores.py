@@ -176,6 +176,11 @@ def logme(features: Any, labels: Any, *, max_iter: int = 11, tol: float = 1e-3) 
     Everything is written in the eigenbasis of F^T F, so one decomposition serves all classes and iterations: the
     D x D matrix F^T F when N >= D, else the N x N Gram matrix F F^T (wide layers stay fast). The score is the mean
     over classes of the maximised evidence divided by N. Features are used as given (the paper's setting).
+
+    Equal to the authors' published code (thuml/LogME, fixed-point version) when F has full column rank. When
+    N < D that code sums log(alpha + beta sigma_i) over the N nonzero sigma_i only, dropping the (D - N) log(alpha)
+    of log|A| while keeping D/2 log(alpha), which inflates wide layers' scores by (D - N)/(2N) log(alpha); featx
+    keeps the exact log|A| (tests/test_ranking.py checks both the agreement and that exact difference).
     """
     x, y = check_inputs(features, labels)
     n, d = x.shape
