@@ -313,6 +313,24 @@ def test_cli_rank_end_to_end_with_verify(tmp_path: Path, capsys: pytest.CaptureF
     assert capsys.readouterr().err.count("\n") == 1
 
 
+def test_cli_rank_degenerate_datasets_exit_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from featx.cli import main
+
+    one = make_imagefolder(tmp_path / "one", {"train": 6, "test": 2}, n_classes=1)
+    two = make_imagefolder(tmp_path / "two", {"train": 6, "test": 2}, n_classes=2)
+    cache = ["--cache-dir", str(tmp_path / "cache"), "--image-size", "48", "--device", "cpu"]
+    for args, message in [
+        ([str(one)], "class"),
+        ([str(two), "--layers", "blocks.99"], "blocks.99"),
+        ([str(two), "--layers", " , "], "--layers"),
+        ([str(two), "--verify", "-1"], "verify"),
+    ]:
+        assert main(["-q", "rank", *args, *cache]) == 2, args
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err and "Traceback" not in err, (args, err)
+    assert not list((tmp_path / "cache").glob("**/*.h5"))  # nothing extracted for a run refused up front
+
+
 def test_scores_read_only_the_rows_the_probe_fits_on(tmp_path: Path) -> None:
     """Replacing the images of the rows the SplitPlan carves out of train (val/test) leaves every score unchanged;
     replacing one scored image changes them (so the check can fail)."""

@@ -273,6 +273,11 @@ def rank(
     if not candidates:
         raise UsageError("no candidates to rank")
     train = plan.resolve(ds)["train"]
+    fit_labels = np.asarray(ds.split("train").labels)[train.array]
+    if len(np.unique(fit_labels)) < 2:  # refuse before extracting anything
+        raise UsageError(
+            f"{ds.root}: the {len(train)} train rows a probe would fit on hold one class: a score needs at least 2 classes"
+        )
     rows: list[RankRow] = []
     extract_total = 0.0
     for c in candidates:
