@@ -576,6 +576,16 @@ def cli_section() -> list[str]:
         "",
         f"Rows scored: {r['rows_scored']}.",
     ]
+    cold = CLI_RUN / "cold.json"  # rank.json of the first run (cold cache, no --verify), kept for its timings
+    if cold.is_file():
+        c = json.loads(cold.read_text())
+        by_candidate = lambda rs: {(x["backbone"], x["layer"]): x["scores"] for x in rs}  # noqa: E731
+        same = by_candidate(c["rows"]) == by_candidate(rows)
+        lines += [
+            "",
+            f"The cold run: {len(c['rows'])} train caches extracted in {c['extract_seconds']:.0f} s, scored in "
+            f"{c['score_seconds']:.2f} s; its scores equal the warm run's: {'yes' if same else 'no'}.",
+        ]
     if v:
         probe = v["probe_seconds"]
         lines += [
