@@ -298,6 +298,17 @@ def test_cli_rank_end_to_end_with_verify(tmp_path: Path, capsys: pytest.CaptureF
 
     n_fit = len(SplitPlan().resolve(load_dataset(data))["train"])  # 36 train images less the val the plan carves
     assert n_fit < 36 and all(r["n_rows"] == n_fit for r in rows)
+    # the cache path (streamed F^T F where N > D, the N x N Gram where N <= D) equals the scores on the arrays
+    from featx.cache import load_cache
+    from featx.ranking import SCORES as ALL
+
+    plan_train = SplitPlan().resolve(load_dataset(data))["train"]
+    dims = sorted((r["dim"], r["layer"]) for r in rows)
+    assert dims[0][0] < n_fit < dims[-1][0]  # both paths ran
+    for r in rows:
+        fs = load_cache(r["cache"]).select(plan_train)
+        for name, value in r["scores"].items():
+            assert value == pytest.approx(ALL[name](fs.features, fs.labels), rel=1e-6, abs=1e-9), (r["layer"], name)
     assert f"{n_fit} of its 36 rows" in result["rows_scored"] and "carved val out of train" in result["rows_scored"]
     v = result["verify"]
     assert v["k"] == 2 and [r["probe_accuracy"] is not None for r in rows] == [True, True, False]

@@ -138,28 +138,27 @@ def score_cache(
     chunk_rows: int | None = None,
 ) -> tuple[dict[str, float], dict[str, float], int, int]:
     """Scores of one cache's rows (``rows``: a RowSelection of its split; None = every valid row):
-    ``(scores, seconds per score, n_rows, dim)``. LogME streams over :meth:`CacheReader.iter_chunks`
-    (it needs only F^T F, F^T Y); the other scores read the rows into memory once."""
+    ``(scores, seconds per score, n_rows, dim)``. When there are more rows than features, LogME streams over
+    :meth:`CacheReader.iter_chunks` (it needs only F^T F and F^T Y, D x D); otherwise (N <= D, e.g. a 1280-d pooled
+    layer on a few hundred images) the rows are small (N x D <= D x D), so they are read once and LogME works on
+    the N x N Gram matrix, as do the other scores, which always read the rows into memory."""
     from featx.cache import CacheReader
+    from featx.ranking.scores import logme_from_gram
 
     names = _check_scores(scores)
     out, secs = {}, {}
     with CacheReader(path) as reader:
-        file_rows = reader.rows_of(rows) if rows is not None else None
-        n_classes = len(reader.classes)
-        dim = int(reader.feature_dim)
+        file_rows = reader.valid_rows(reader.rows_of(rows) if rows is not None else None)
+        n, n_classes, dim = len(file_rows), len(reader.classes), int(reader.feature_dim)
         x = y = None
         for name in names:
             t0 = time.perf_counter()
-            if name == "logme":
-                from featx.ranking.scores import logme_from_gram
-
+            if name == "logme" and n > dim:
                 stats = GramStats.of_chunks(
                     ((f, lab.astype(np.int64)) for _, f, lab in reader.iter_chunks(file_rows, chunk_rows=chunk_rows)),
                     dim,
                     n_classes,
                 )
-                n = stats.n
                 out[name] = logme_from_gram(stats)
             else:
                 if x is None:
@@ -167,7 +166,6 @@ def score_cache(
                     x = np.concatenate([f for _, f, _ in parts]) if parts else np.empty((0, dim), np.float32)
                     y = np.concatenate([lab for _, _, lab in parts]) if parts else np.empty(0, np.int64)
                     check_inputs(x, y)
-                n = len(x)
                 out[name] = float(SCORES[name](x, y))
             secs[name] = time.perf_counter() - t0
     return out, secs, n, dim
