@@ -603,6 +603,11 @@ def cli_section() -> list[str]:
             f"(all three) {med_score:.3f} s, LogME {med_logme:.4f} s, probe {med_probe:.3f} s (the first probe also pays "
             f"scikit-learn's import and warm-up: {first_probe:.2f} s).",
             "",
+            "Both are small next to extraction on a dataset this size (the cold run above); the larger saving of ranking",
+            "first is that `featx rank` extracts only the train split of every candidate, and val/test (what a probe",
+            "needs) only for the K candidates `--verify` probes. Probes grow with rows and with the C sweep; LogME",
+            "with min(N, D)^3 (one eigendecomposition per candidate, every class and iteration in its eigenbasis).",
+            "",
             f"Verify: LogME's pick `{v['pick']}` {'holds' if v['holds'] else 'does NOT hold'}: probe val "
             f"{100 * (v['pick_val_accuracy'] or 0):.1f}% (best of the {v['k']} verified by val: `{v['best_by_val']}`, "
             f"{100 * (v['best_val_accuracy'] or 0):.1f}%), probe test {100 * (v['pick_test_accuracy'] or 0):.1f}%, "
