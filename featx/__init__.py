@@ -36,6 +36,7 @@ _API = {
     "make_head": "featx.heads",
     "save_head": "featx.heads",
     "load_head": "featx.heads",
+    "rank": "featx.ranking",
     "predict": "featx.prediction",
     "ImageFeatureExtractor": "featx.estimators",
     "finetune": "featx.finetuning",

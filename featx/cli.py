@@ -370,6 +370,32 @@ def build_parser() -> argparse.ArgumentParser:
         "fingerprints) instead of running them again; the report lists them as stale",
     )
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "rank", help="rank backbones x layers x weights by transferability scores on the train rows", epilog=EPILOG
+    )
+    p.add_argument("dataset", help="ImageFolder root (optionally with train/val/test) or a CSV manifest")
+    p.add_argument("--backbone", action="append", default=None, help="backbone (repeatable; default: efficientnet_lite0)")
+    p.add_argument("--weights", action="append", default=None, help="imagenet | none | PATH (repeatable; default: imagenet)")
+    p.add_argument("--layers", default="pooled", help="pooled | all | comma-separated layer names (default: %(default)s)")
+    p.add_argument("--score", default="logme", help="comma-separated: logme, hscore, knn; ranked by the first (default: logme)")
+    p.add_argument(
+        "--verify",
+        type=nonneg_int,
+        nargs="?",
+        const=3,
+        default=0,
+        metavar="K",
+        help="fit fit-head's val-tuned probe on the top K (default K: 3) and report whether the score's pick holds",
+    )
+    p.add_argument("--out", default=None, help="folder for rank.json and rank.png (default: print only)")
+    p.add_argument("--image-size", type=positive_int, default=None, help="input resolution (default: the weights' own)")
+    _add_cache_dir(p)
+    _add_runtime_options(p)
+    _add_runtime_choice(p)
+    _add_split_options(p)
+    _add_outside_root(p)
+    p.set_defaults(func=cmd_rank)
     return parser
 
 
@@ -804,6 +830,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from featx.errors import BenchError
 
         raise BenchError(f"{outcome['failed']} bench cell(s) failed; see {outcome['report']}")
+    return 0
+
+
+def cmd_rank(args: argparse.Namespace) -> int:
+    from featx.data import SplitPlan, load_dataset
+    from featx.ranking import rank
+
+    ds = load_dataset(args.dataset, allow_outside_root=args.allow_outside_root)
+    result = rank(
+        ds,
+        args.backbone or ["efficientnet_lite0"],
+        weights=args.weights or ["imagenet"],
+        layers=args.layers,
+        scores=args.score,
+        verify=args.verify,
+        image_size=args.image_size,
+        split_plan=SplitPlan(val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed),
+        cache_dir=args.cache_dir,
+        settings=_settings(args),
+        out_dir=args.out,
+        progress=_progress(args),
+    )
+    print(result.table())
+    print(result.summary())
+    if args.out:
+        print(f"rank.json and rank.png in {args.out}/")
     return 0
 
 

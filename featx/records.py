@@ -191,6 +191,9 @@ class LayerPoint(Record):
     test_labels: list[int] | None = None
     status: str | None = None
     error: str | None = None
+    # transferability scores of this layer on the probe's train rows (featx.ranking: name -> value, higher is better);
+    # None in results written before featx rank (the report then shows the layer section as it did)
+    scores: dict[str, float] | None = None
 
 
 @dataclass

@@ -22,6 +22,7 @@ LAYERS = [
     "inference",
     "extraction",
     "heads",
+    "ranking",
     "prediction",
     "estimators",
     "finetuning",

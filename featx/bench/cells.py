@@ -486,6 +486,7 @@ def cell_layerwise(ctx: CellContext, meter: TreeMemory) -> LayerwiseCell:
             )
         head = fit_head(sets["train"], sets["val"], sets["test"], kind="logreg", final_fit=ctx.final_fit)
         m = head.test_metrics or {}
+        scores = _layer_scores(sets["train"].features, sets["train"].labels, layer)
         points.append(
             LayerPoint(
                 layer=layer,
@@ -500,9 +501,21 @@ def cell_layerwise(ctx: CellContext, meter: TreeMemory) -> LayerwiseCell:
                 test_predictions=[int(p) for p in head.predict(sets["test"].features)],
                 test_positions=test_positions,
                 test_labels=test_labels,
+                scores=scores,
             )
         )
     return LayerwiseCell(points)
+
+
+def _layer_scores(features: np.ndarray, labels: np.ndarray, layer: str) -> dict[str, float] | None:
+    """LogME of one layer on the probe's train rows (featx.ranking), or None when the rows cannot be scored."""
+    from featx.ranking import logme
+
+    try:
+        return {"logme": logme(features, labels)}
+    except UsageError as exc:
+        log.warning("layer %s: no LogME (%s)", layer, exc)
+        return None
 
 
 #: The cell kinds: the function that runs each (by the name the runner and the fingerprints use).

@@ -856,4 +856,32 @@ def _layerwise_sentence(points: Sequence[LayerPoint], ds: DatasetResult | None =
                 f" It is ahead on val of every head on the pooled features, so it is the features family's choice in the "
                 f"verdict below{'' if paired else ' (unpaired: the layer points carry no per-image test predictions)'}."
             )
-    return text
+    return text + _layer_score_text(pts, chosen)
+
+
+def _layer_score_text(pts: Sequence[LayerPoint], chosen: LayerPoint) -> str:
+    """When the points carry transferability scores (featx rank's, on the probe's train rows): a table of each
+    layer's score beside its probe accuracies, and what the score would have picked. Nothing for older results."""
+    names = sorted({k for p in pts for k in (p.scores or {})}, key=lambda k: (k != "logme", k))
+    if not names:
+        return ""
+    lines = ["", "", "| layer | dim | " + " | ".join(names) + " | probe val | probe test |", "|---" * (len(names) + 4) + "|"]
+    for p in pts:
+        sc = p.scores or {}
+        dim = str(p.dim) if p.dim is not None else _DASH
+        row = [_cell(p.layer), dim, *(_fmt_float(sc.get(k)) for k in names), _fmt_float(p.val_accuracy), _fmt_acc_ci(p)]
+        lines.append("| " + " | ".join(row) + " |")
+    name = names[0]
+    scored = [p for p in pts if p.scores and name in p.scores]
+    pick = max(scored, key=lambda p: float((p.scores or {})[name]))
+    same = (
+        " (the same layer)"
+        if pick is chosen
+        else f"; the layer chosen on val, {_cell(chosen.layer)}, measured {_fmt_acc_ci(chosen)}"
+    )
+    lines += [
+        "",
+        f"Scored on the probe's train rows before fitting anything, {name} would have picked {_cell(pick.layer)}: the probe "
+        f"measured test {_fmt_acc_ci(pick)} for it{same}.",
+    ]
+    return "\n".join(lines)
