@@ -1,0 +1,88 @@
+"""A Dask cluster for independent tasks (bench cells, head sweeps): ``--scheduler tcp://HOST:8786`` or ``local:N``.
+
+featx schedules nothing itself: :func:`dask_client` connects a :class:`distributed.Client` to a running scheduler
+(``tcp://...``, ``tls://...``, ``HOST:PORT``) or starts a :class:`distributed.LocalCluster` of N worker processes
+(``local:N``) and closes it afterwards. Dask is the optional extra ``featx[dask]``; it is imported only here, inside
+functions, so ``import featx`` and the local executors never load it. Errors (no Dask, a bad address, a scheduler
+that does not answer) are one-line :class:`~featx.errors.UsageError` s (exit 2).
+
+Workers run each bench cell in a process of its own (as the local bench does), so they must be allowed to start
+processes: LocalClusters here are started that way; a ``dask worker`` needs ``DASK_DISTRIBUTED__WORKER__DAEMON=False``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from featx.errors import UsageError
+
+EXTRA = "featx[dask]"
+CONNECT_TIMEOUT_S = 10
+_LOCAL = re.compile(r"local:(\d+)")
+
+
+def check_dask() -> Any:
+    """The `distributed` module; a one-line UsageError naming the extra when Dask is not installed."""
+    try:
+        import distributed
+    except ImportError:
+        raise UsageError(f"--scheduler needs Dask: pip install '{EXTRA}' (dask[distributed])") from None
+    return distributed
+
+
+def parse_scheduler(spec: str) -> tuple[str, str | int]:
+    """``("local", N)`` for ``local:N``, ``("address", addr)`` for a scheduler's address; UsageError otherwise."""
+    spec = (spec or "").strip()
+    m = _LOCAL.fullmatch(spec)
+    if m:
+        n = int(m.group(1))
+        if not 1 <= n <= 256:
+            raise UsageError(f"--scheduler local:N needs 1 <= N <= 256 workers, got {spec!r}")
+        return "local", n
+    if re.fullmatch(r"(tcp|tls|inproc|ucx)://\S+", spec) or re.fullmatch(r"[A-Za-z0-9.\-\[\]:]+:\d+", spec):
+        return "address", spec
+    raise UsageError(f"--scheduler must be local:N or a Dask scheduler address such as tcp://HOST:8786, got {spec!r}")
+
+
+@contextlib.contextmanager
+def dask_client(spec: str) -> Iterator[Any]:
+    """A connected ``distributed.Client`` for ``spec`` (see :func:`parse_scheduler`); a LocalCluster started here is
+    closed on exit, a remote scheduler is only disconnected from."""
+    how, where = parse_scheduler(spec)
+    distributed = check_dask()
+    import dask
+
+    if how == "local":
+        # cells run in processes of their own: the workers must not be daemonic; no dashboard (no port to hold)
+        with dask.config.set({"distributed.worker.daemon": False}):
+            cluster = distributed.LocalCluster(n_workers=int(where), threads_per_worker=1, processes=True, dashboard_address=None)
+        try:
+            with distributed.Client(cluster) as client:
+                yield client
+        finally:
+            cluster.close()
+        return
+    try:
+        client = distributed.Client(str(where), timeout=CONNECT_TIMEOUT_S)
+    except (OSError, TimeoutError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UsageError(
+            f"cannot reach the Dask scheduler at {where} ({first[:160]}); start one with `dask scheduler` "
+            "and workers with `dask worker ADDRESS`, or use --scheduler local:N"
+        ) from None
+    with client:
+        yield client
+
+
+def worker_resources(client: Any) -> dict[str, dict[str, float]]:
+    """Each connected worker's declared resources (``dask worker --resources GPU=1``)."""
+    workers = client.scheduler_info().get("workers", {})
+    return {addr: dict(info.get("resources") or {}) for addr, info in workers.items()}
+
+
+def has_gpu_workers(client: Any) -> bool:
+    """Whether any worker declares a ``GPU`` resource: then GPU tasks request one (``resources={"GPU": 1}``)."""
+    return any(r.get("GPU", 0) >= 1 for r in worker_resources(client).values())
