@@ -47,6 +47,12 @@ def parse_scheduler(spec: str) -> tuple[str, str | int]:
     raise UsageError(f"--scheduler must be local:N or a Dask scheduler address such as tcp://HOST:8786, got {spec!r}")
 
 
+def check_scheduler(spec: str) -> None:
+    """Before any work: ``spec`` parses and Dask is installed (one-line UsageErrors otherwise)."""
+    parse_scheduler(spec)
+    check_dask()
+
+
 @contextlib.contextmanager
 def dask_client(spec: str) -> Iterator[Any]:
     """A connected ``distributed.Client`` for ``spec`` (see :func:`parse_scheduler`); a LocalCluster started here is

@@ -201,14 +201,16 @@ def run_bench(
         log.warning("bench setting %s: no dataset of this run has the name or path %s", setting, ", ".join(keys))
     datasets = bench_datasets(config)
     if scheduler is not None:
-        from featx.cluster import check_dask, parse_scheduler
+        from featx.cluster import check_scheduler
 
-        parse_scheduler(scheduler)
-        check_dask()
+        check_scheduler(scheduler)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out-dir {out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    with run_folder_lock(out) as lock_fd, CellProcesses(lock_fd) as processes, _client(scheduler) as client:
+    with contextlib.ExitStack() as stack:
+        client = stack.enter_context(_client(scheduler))  # a scheduler that does not answer: nothing is created
+        out.mkdir(parents=True, exist_ok=True)
+        lock_fd = stack.enter_context(run_folder_lock(out))
+        processes = stack.enter_context(CellProcesses(lock_fd))
         cells_dir = out / "cells"
         cells_dir.mkdir(exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
