@@ -13,6 +13,7 @@ processes: LocalClusters here are started that way; a ``dask worker`` needs ``DA
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -67,6 +68,7 @@ def dask_client(spec: str) -> Iterator[Any]:
             cluster = distributed.LocalCluster(n_workers=int(where), threads_per_worker=1, processes=True, dashboard_address=None)
         try:
             with distributed.Client(cluster) as client:
+                pin_local_workers(client)
                 yield client
         finally:
             cluster.close()
@@ -81,6 +83,29 @@ def dask_client(spec: str) -> Iterator[Any]:
         ) from None
     with client:
         yield client
+
+
+def _pin(cores: list[int]) -> None:
+    """On a worker: every thread of this process (and so every process it starts) runs on ``cores`` only."""
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(int(tid), cores)
+
+
+def pin_local_workers(client: Any) -> None:
+    """Give each worker of a LocalCluster its own share of this machine's cores (Linux CPU affinity). featx sizes its
+    thread pools by the cores a process may use (:func:`featx.runtime.usable_cores`), so N workers running one cell each
+    use the cores once, not N times over (oversubscribed OpenMP threads spin: measured 3.4x slower on 2 cores)."""
+    if not hasattr(os, "sched_getaffinity") or not os.path.isdir("/proc/self/task"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    workers = sorted(client.scheduler_info().get("workers", {}))
+    n = len(workers)
+    if not n:
+        return
+    for i, addr in enumerate(workers):
+        share = cores[i * len(cores) // n : (i + 1) * len(cores) // n] if n <= len(cores) else [cores[i % len(cores)]]
+        client.run(_pin, share, workers=[addr])
 
 
 def worker_resources(client: Any) -> dict[str, dict[str, float]]:
