@@ -133,6 +133,16 @@ def test_cluster_bench_equals_local_and_resumes(local_bench: dict[str, Any]) -> 
     same(strip_costs(json.loads((out / "results.json").read_text())["datasets"]), strip_costs(local_results["datasets"]))
 
 
+def test_which_cells_ask_for_a_gpu_worker() -> None:
+    from featx.bench.cluster import cell_resources
+
+    kinds = ["features", "finetune", "fewshot_heads", "fewshot_finetune", "layerwise"]
+    gpu = {"GPU": 1}
+    assert [cell_resources(k, "auto", True) for k in kinds] == [None, gpu, None, gpu, None]
+    assert [cell_resources(k, "cuda:1", True) for k in kinds] == [gpu, gpu, None, gpu, gpu]
+    assert all(cell_resources(k, d, g) is None for k in kinds for d, g in [("cpu", True), ("auto", False), ("cuda", False)])
+
+
 def test_workers_that_may_not_start_processes_are_refused_before_any_cell(local_bench: dict[str, Any], tmp_path: Path) -> None:
     """A default ``dask worker`` is daemonic: the check says how to start it, and no cell runs."""
     import distributed

@@ -6,8 +6,8 @@ cell files that were written, and the assembled report is a local run's.
 
 A cell that reads another's output (the few-shot heads read the features cell's caches) gets that cell's future as an
 argument: a Dask task dependency. Fine-tuning cells request ``resources={"GPU": 1}`` when some worker declares a GPU
-(``dask worker --resources GPU=1``); otherwise no cell has a resource restriction. Dask is imported only when this
-module's functions run (it is the optional extra ``featx[dask]``).
+(``dask worker --resources GPU=1``), see :func:`cell_resources`; otherwise no cell has a resource restriction. Dask
+is imported only when this module's functions run (it is the optional extra ``featx[dask]``).
 """
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ from featx.errors import UsageError
 
 log = logging.getLogger(__name__)
 
-#: The cell kinds that train a network: they ask for a GPU where the cluster has one.
+#: The cell kinds that train a network: they ask for a GPU where the cluster has one (unless the bench runs on the CPU).
 GPU_KINDS = frozenset({"finetune", "fewshot_finetune"})
+#: The cell kinds that run a backbone at all: with ``device: cuda`` they need a GPU worker too (a CPU worker would fail).
+MODEL_KINDS = GPU_KINDS | {"features", "layerwise"}
 PROBE_NAME = ".featx-cluster-probe"
 DAEMON_HINT = "start workers with DASK_DISTRIBUTED__WORKER__DAEMON=False (each bench cell runs in a process of its own)"
 
@@ -95,6 +97,15 @@ def check_workers(client: Any, out: Path, code: dict[str, str], paths: Sequence[
             )
 
 
+def cell_resources(kind: str, device: str, gpu_workers: bool) -> dict[str, float] | None:
+    """The Dask resources a cell asks for. Fine-tuning cells ask for one ``GPU`` when some worker declares one (device
+    ``auto`` or ``cuda``); with ``cuda`` every cell that runs a backbone does (it cannot run on a CPU-only worker); with
+    ``cpu`` none does (a CPU bench need not queue behind the GPU slots). No GPU workers: no restriction at all."""
+    if not gpu_workers or device == "cpu":
+        return None
+    return {"GPU": 1} if kind in (MODEL_KINDS if device.startswith("cuda") else GPU_KINDS) else None
+
+
 def run_cells(
     client: Any,
     jobs: Sequence[tuple[CellJob, str | None]],
@@ -110,13 +121,17 @@ def run_cells(
         return {}
     from distributed import as_completed
 
-    paths = [d.real for d in datasets] + ([cache_dir] if cache_dir and os.path.isdir(os.path.expanduser(cache_dir)) else [])
+    cache = os.path.expanduser(cache_dir) if cache_dir else None
+    paths = [d.real for d in datasets] + ([cache] if cache and os.path.isdir(cache) else [])
     check_workers(client, out, code, paths)
     gpu = has_gpu_workers(client)
     run = uuid.uuid4().hex[:8]
     futures: dict[str, Any] = {}
+    on_gpu = 0
     for job, after in jobs:
         deps = [futures[after]] if after in futures else []
+        resources = cell_resources(job.kind, job.ctx.device, gpu)
+        on_gpu += resources is not None
         futures[job.cell_id] = client.submit(
             cell_task,
             job,
@@ -124,9 +139,9 @@ def run_cells(
             key=f"featx-cell-{job.cell_id}-{run}",
             pure=False,
             retries=0,
-            resources={"GPU": 1} if gpu and job.kind in GPU_KINDS else None,
+            resources=resources,
         )
-    log.info("%d cell(s) submitted to the Dask scheduler%s", len(futures), " (fine-tuning cells on GPU workers)" if gpu else "")
+    log.info("%d cell(s) submitted to the Dask scheduler, %d of them asking for a GPU worker", len(futures), on_gpu)
     cell_of = {f.key: cid for cid, f in futures.items()}
     done: dict[str, CellRecord | Failed] = {}
     for future in as_completed(list(futures.values())):
