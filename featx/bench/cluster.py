@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import threading
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,11 +37,35 @@ PROBE_NAME = ".featx-cluster-probe"
 DAEMON_HINT = "start workers with DASK_DISTRIBUTED__WORKER__DAEMON=False (each bench cell runs in a process of its own)"
 
 
+#: Longest first (a cell kind's usual share of a grid's time): the long fine-tuning cells do not start last and leave
+#: the other workers idle at the end; the features cell before the few-shot heads that wait for it.
+PRIORITY = {"finetune": 4, "fewshot_finetune": 3, "features": 2, "layerwise": 1, "fewshot_heads": 0}
+_ENV_LOCK = threading.Lock()
+
+
+def _plain_environ() -> None:
+    """Drop from this worker's environment what the Dask nanny put there for the worker itself (``OMP_NUM_THREADS=1``,
+    ``MKL_NUM_THREADS=1``, ``MALLOC_TRIM_THRESHOLD_=65536``: ``distributed.nanny.pre-spawn-environ``), so that a cell's
+    process starts with the environment of a local bench's: it sizes its own thread pools from the cores it may use, and
+    glibc does not hand freed tensors back to the OS after every step (measured on the quick bench: 100 s of system
+    time instead of 20, benchmarks/results/scaling_dask.md). A variable set to another value is left alone."""
+    import dask
+
+    nanny = {**(dask.config.get("distributed.nanny.pre-spawn-environ", None) or {})}
+    nanny.update(dask.config.get("distributed.nanny.environ", None) or {})
+    with _ENV_LOCK:
+        for key, value in nanny.items():
+            if os.environ.get(key) == str(value):
+                del os.environ[key]
+
+
 def cell_task(job: CellJob, *after: Any) -> CellRecord | Failed:
-    """One cell on a Dask worker: in a fresh process of its own (its costs are measured as here), its cell file written
-    by :func:`run_job`. ``after``: the results of the cells it waits for (a task dependency; not read)."""
+    """One cell on a Dask worker: in a fresh process of its own (its costs are measured as here) with a local bench's
+    environment (:func:`_plain_environ`), its cell file written by :func:`run_job`. ``after``: the results of the
+    cells it waits for (a task dependency; not read)."""
     if multiprocessing.current_process().daemon:
         return Failed(f"UsageError: the Dask worker cannot start the cell's process: {DAEMON_HINT}")
+    _plain_environ()
     with CellProcesses(None) as processes:
         return run_job(job, processes)
 
@@ -140,6 +165,7 @@ def run_cells(
             pure=False,
             retries=0,
             resources=resources,
+            priority=PRIORITY.get(job.kind, 0),
         )
     log.info("%d cell(s) submitted to the Dask scheduler, %d of them asking for a GPU worker", len(futures), on_gpu)
     cell_of = {f.key: cid for cid, f in futures.items()}
