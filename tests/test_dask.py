@@ -3,11 +3,15 @@ heads) give what the local executor gives; an interrupted cluster bench resumes;
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
 import re
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +26,8 @@ from featx.heads import load_head
 
 from .conftest import make_imagefolder
 
-TINY = {"backbones": ["timm:resnet10t"], "weights": "none", "image_size": 32, "device": "cpu"}
+# device auto (the CPU here): on a cluster whose workers declare a GPU the fine-tuning cells ask for one
+TINY = {"backbones": ["timm:resnet10t"], "weights": "none", "image_size": 32, "device": "auto"}
 # What a run measures about itself (time, memory, when, where): the only fields a cluster run may change.
 COST = re.compile(r"seconds|wall|_s$|memory|rss|images_per_s|created_at|^command$|^machine$|^fingerprint$")
 
@@ -51,9 +56,28 @@ def strip_costs(value: Any) -> Any:
     return value
 
 
+PINNABLE = hasattr(os, "sched_setaffinity")
+CORES = sorted(os.sched_getaffinity(0)) if PINNABLE else []
+
+
+@contextlib.contextmanager
+def cores(which: list[int]) -> Iterator[None]:
+    """This thread (and the processes it starts) on ``which`` cores only, for the block."""
+    if not PINNABLE:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, which)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
 def same(a: Any, b: Any, path: str = "") -> None:
-    """Equal, floats to 1e-5 relative: a cell on a LocalCluster worker runs on its share of the cores (fewer torch
-    threads than here), which changes the order of float32 sums (a fine-tuning row's val_log_loss moves at ~1e-7)."""
+    """Equal, floats to 1e-5 relative: a head fitted on a worker runs with the worker's BLAS threads (Dask's nanny sets
+    OMP_NUM_THREADS=1), which changes the order of float sums. (The bench's cells are compared exactly: they run on as
+    many cores there as here.)"""
     if isinstance(a, dict) and isinstance(b, dict):
         assert sorted(a) == sorted(b), path
         for k in a:
@@ -83,27 +107,33 @@ def cells(out: Path) -> dict[str, Any]:
 def local_bench(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("dask-bench")
     data = make_imagefolder(root / "data", {"train": 6, "val": 2, "test": 2}, n_classes=2)
-    outcome = run_bench(tiny_grid(data), out_dir=root / "local", cache_dir=str(root / "cache-local"), progress=False)
+    # one core, as each local:2 worker below gets one: a cell's numbers depend on its thread count (the order of float32
+    # sums: 2 threads instead of 1 move a val_log_loss at 1e-7 and can flip a test image), not on where it runs
+    with cores(CORES[:1]):
+        outcome = run_bench(tiny_grid(data), out_dir=root / "local", cache_dir=str(root / "cache-local"), progress=False)
     assert outcome["failed"] == 0
     return {"root": root, "data": data, "out": root / "local"}
 
 
-def test_cluster_bench_equals_local_and_resumes(local_bench: dict[str, Any]) -> None:
+def test_cluster_bench_equals_local_and_resumes(local_bench: dict[str, Any], caplog: pytest.LogCaptureFixture) -> None:
     import dask
     import distributed
 
     root, data, local = local_bench["root"], local_bench["data"], local_bench["out"]
     out = root / "cluster"
-    outcome = run_bench(tiny_grid(data), out_dir=out, cache_dir=str(root / "cache-cluster"), progress=False, scheduler="local:2")
+    with cores(CORES[:2]):  # local:2 pins each worker to its share: one core each (or the one core twice)
+        outcome = run_bench(
+            tiny_grid(data), out_dir=out, cache_dir=str(root / "cache-cluster"), progress=False, scheduler="local:2"
+        )
     assert outcome["failed"] == 0
     # every cell computed on the workers (its own cache: the features were extracted there), written by its task
     assert (root / "cache-cluster").is_dir() and not list(out.glob("*.tmp")) and not (out / ".featx-cluster-probe").exists()
     want = cells(local)
     assert sorted(want) == sorted(cells(out)) and len(want) == 5
-    same(strip_costs(cells(out)), strip_costs(want))
+    assert strip_costs(cells(out)) == strip_costs(want)  # exactly: the same floats
     local_results = json.loads((local / "results.json").read_text())
     results = json.loads((out / "results.json").read_text())
-    same(strip_costs(results["datasets"]), strip_costs(local_results["datasets"]))
+    assert strip_costs(results["datasets"]) == strip_costs(local_results["datasets"])
     assert report_numbers(out) == report_numbers(local)
     rows = results["datasets"]["data"]["rows"]
     assert [r["strategy"] for r in rows] == ["logreg", "knn", "head"] and all(r["accuracy"] is not None for r in rows)
@@ -114,11 +144,14 @@ def test_cluster_bench_equals_local_and_resumes(local_bench: dict[str, Any]) -> 
         next((out / "cells").glob(f"*-{kind}.json")).unlink()
     kept = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
     with (
+        caplog.at_level(logging.INFO, logger="featx.bench.cluster"),
         dask.config.set({"distributed.worker.daemon": False}),
         distributed.LocalCluster(
             n_workers=1, threads_per_worker=2, processes=True, dashboard_address=None, resources={"GPU": 1}
         ) as cluster,
+        distributed.Client(cluster) as pin,
     ):
+        pin.run(featx.cluster._pin, CORES[:1])  # its cells on one core, as above
         again = run_bench(
             tiny_grid(data),
             out_dir=out,
@@ -127,10 +160,11 @@ def test_cluster_bench_equals_local_and_resumes(local_bench: dict[str, Any]) -> 
             scheduler=cluster.scheduler_address,
         )
     assert again["failed"] == 0
+    assert "2 cell(s) submitted to the Dask scheduler, 1 of them asking for a GPU worker" in caplog.text
     now = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
     assert {k: v for k, v in now.items() if k in kept} == kept
     assert sorted(set(now) - set(kept)) == sorted(n for n in want if n.endswith(("-finetune-head.json", "-layerwise.json")))
-    same(strip_costs(json.loads((out / "results.json").read_text())["datasets"]), strip_costs(local_results["datasets"]))
+    assert strip_costs(json.loads((out / "results.json").read_text())["datasets"]) == strip_costs(local_results["datasets"])
 
 
 def test_which_cells_ask_for_a_gpu_worker() -> None:
