@@ -13,6 +13,7 @@ processes: LocalClusters here are started that way; a ``dask worker`` needs ``DA
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -55,9 +56,32 @@ def check_scheduler(spec: str) -> None:
 
 
 @contextlib.contextmanager
+def _dask_logs_quiet() -> Iterator[None]:
+    """Dask's INFO lines (the scheduler, the nannies, the connections: some 30 per LocalCluster) only with ``featx -v``;
+    its warnings and errors always."""
+    dask_log = logging.getLogger("distributed")
+    before = dask_log.level
+    if not logging.getLogger("featx").isEnabledFor(logging.DEBUG):
+        dask_log.setLevel(max(logging.WARNING, before))
+    try:
+        yield
+    finally:
+        dask_log.setLevel(before)
+
+
+@contextlib.contextmanager
 def dask_client(spec: str) -> Iterator[Any]:
     """A connected ``distributed.Client`` for ``spec`` (see :func:`parse_scheduler`); a LocalCluster started here is
     closed on exit, a remote scheduler is only disconnected from."""
+    check_dask()  # imported first: importing distributed sets its loggers' levels
+    with _dask_logs_quiet():
+        with _dask_client(spec) as client:
+            yield client
+
+
+@contextlib.contextmanager
+def _dask_client(spec: str) -> Iterator[Any]:
+    """:func:`dask_client`, its logs aside."""
     how, where = parse_scheduler(spec)
     distributed = check_dask()
     import dask

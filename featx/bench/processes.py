@@ -246,8 +246,10 @@ class CellJob:
 
 
 def write_cell_file(path: Path, record: CellRecord) -> None:
-    """The finished cell's file, written whole (a temporary file renamed over it): a cell file is never half there."""
-    tmp = path.with_suffix(".tmp")
+    """The finished cell's file, written whole (a temporary file renamed over it): a cell file is never half there. The
+    temporary name is this writer's own: a cell still running on a cluster worker after its bench was stopped may finish
+    while the rerun's copy of it writes the same file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_text(json.dumps(record.to_dict(), indent=1, default=float))
     os.replace(tmp, path)
 
