@@ -178,6 +178,18 @@ def test_which_cells_ask_for_a_gpu_worker() -> None:
     assert all(cell_resources(k, d, g) is None for k in kinds for d, g in [("cpu", True), ("auto", False), ("cuda", False)])
 
 
+def test_a_cells_process_gets_a_local_processs_environment() -> None:
+    """Dask's nanny gives its workers OMP_NUM_THREADS=1 and MALLOC_TRIM_THRESHOLD_=65536 (about 6x the page faults and 5x
+    the system time of a local bench: scaling_dask.md); a cell's process, spawned from the worker, starts without them."""
+    from featx.bench.cluster import _plain_environ
+
+    keys = ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")
+    with featx.cluster.dask_client("local:1") as client:
+        nanny = client.submit(lambda: {k: os.environ.get(k) for k in keys}, pure=False).result()
+        cell = client.submit(lambda: (_plain_environ(), {k: os.environ.get(k) for k in keys})[1], pure=False).result()
+    assert nanny == {"MALLOC_TRIM_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"} and cell == dict.fromkeys(keys)
+
+
 def test_workers_that_may_not_start_processes_are_refused_before_any_cell(local_bench: dict[str, Any], tmp_path: Path) -> None:
     """A default ``dask worker`` is daemonic: the check says how to start it, and no cell runs."""
     import distributed
