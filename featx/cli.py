@@ -276,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="--stream: passes over the rows the final L-BFGS fit may take before it stops and warns (default: 200)",
     )
     p.add_argument("--out-dir", default="heads", help="where heads (.skops) and metrics (.json) go (default: heads)")
+    _add_scheduler(p, "the head kinds as Dask tasks, the features scattered to every worker once")
     p.set_defaults(func=cmd_fit_head)
 
     p = sub.add_parser("predict", help="label images with a saved head", epilog=EPILOG)
@@ -369,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep finished cells whose settings, data, code or libraries changed since they ran (and cells from before "
         "fingerprints) instead of running them again; the report lists them as stale",
     )
+    _add_scheduler(p, "the cells as Dask tasks (--out-dir on a filesystem the workers share; fine-tuning cells on GPU workers)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(
@@ -593,7 +595,7 @@ def _head_cache_attrs(cache: Any) -> dict[str, Any]:
 def cmd_fit_head(args: argparse.Namespace) -> int:
     from featx.data import SplitPlan
     from featx.errors import UsageError
-    from featx.heads import HEADS, fit_head, head_summary, save_head
+    from featx.heads import HEADS, fit_heads, head_summary, save_head
 
     kinds = list(HEADS) if args.head == "all" else [h.strip() for h in args.head.split(",") if h.strip()]
     unknown = [k for k in kinds if k not in HEADS]
@@ -601,6 +603,10 @@ def cmd_fit_head(args: argparse.Namespace) -> int:
         raise UsageError(f"unknown head '{', '.join(unknown)}' (choose from {', '.join(HEADS)}, or all)")
     if not args.stream and (args.sweep_rows is not None or args.max_passes is not None):
         raise UsageError("--sweep-rows and --max-passes go with --stream")
+    if args.scheduler is not None:
+        from featx.cluster import check_scheduler
+
+        check_scheduler(args.scheduler)
     sets, ds_name = _resolve_head_caches(args)
     plan = SplitPlan(args.val_fraction, args.test_fraction, args.seed)
     out_dir = Path(args.out_dir)
@@ -608,20 +614,22 @@ def cmd_fit_head(args: argparse.Namespace) -> int:
     summaries = {}
     attrs = _head_cache_attrs(sets["train"])
     device = None if args.device in (None, "auto") else args.device
+    heads = fit_heads(
+        sets["train"],
+        sets.get("val"),
+        sets.get("test"),
+        kinds=kinds,
+        scheduler=args.scheduler,
+        plan=plan,
+        n_jobs=args.n_jobs,
+        solver=args.solver,
+        stream=args.stream,
+        sweep_rows=args.sweep_rows,
+        **({"max_passes": args.max_passes} if args.max_passes else {}),
+        device=device,
+    )
     for kind in kinds:
-        head = fit_head(
-            sets["train"],
-            sets.get("val"),
-            sets.get("test"),
-            kind=kind,
-            plan=plan,
-            n_jobs=args.n_jobs,
-            solver=args.solver,
-            stream=args.stream,
-            sweep_rows=args.sweep_rows,
-            **({"max_passes": args.max_passes} if args.max_passes else {}),
-            device=device,
-        )
+        head = heads[kind]
         stem = f"{ds_name}-{attrs['backbone'].replace(':', '_')}-{attrs['layer']}-{kind}"
         path = save_head(head, out_dir / f"{stem}.skops")
         summaries[kind] = {"path": str(path), **head_summary(head)}
@@ -804,6 +812,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_scheduler(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--scheduler",
+        default=None,
+        metavar="ADDRESS|local:N",
+        help=f"run on a Dask cluster (pip install 'featx[dask]'): tcp://HOST:8786, or local:N workers started here; {what}",
+    )
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from featx.bench import load_bench_config, run_bench
 
@@ -824,6 +841,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         command="featx " + " ".join(sys.argv[1:]),
         log_level=logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO,  # cells' processes too
         reuse_stale=args.reuse_stale,
+        scheduler=args.scheduler,
     )
     print(f"report: {outcome['report']}")
     if outcome["failed"]:

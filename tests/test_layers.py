@@ -13,6 +13,7 @@ LAYERS = [
     "errors",
     "runtime",
     "distributed",
+    "cluster",
     "metrics",
     "records",
     "data",

@@ -3,29 +3,40 @@
 Cells whose costs are reported run in a fresh process each, the others in one shared helper process
 (:class:`CellProcesses`); every such process kills its own tree when the bench process goes
 (``PR_SET_PDEATHSIG`` and a watchdog thread, :func:`_worker_init`) and holds a copy of the run folder's lock
-(:func:`run_folder_lock`)."""
+(:func:`run_folder_lock`).
+
+A cell to run is a :class:`CellJob`; :func:`run_job` runs it (here, or in a Dask task on a cluster worker:
+:mod:`featx.bench.cluster`) and writes its cell file the same way everywhere, :func:`write_cell_file`."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import json
+import logging
 import os
 import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 from featx.bench.cells import CellRecord, run_cell
 from featx.bench.context import CellContext
+from featx.bench.fingerprint import prepare_run_dir
 from featx.bench.memory import descendants
 from featx.errors import UsageError
+
+log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 LOCK_NAME = ".featx-bench.lock"
@@ -205,3 +216,56 @@ def run_folder_lock(out: Path) -> Iterator[int | None]:
 def _busy(out: Path, holder: str) -> UsageError:
     by = f" (started by pid {holder})" if holder.isdigit() else ""
     return UsageError(f"another featx bench is writing to {out}{by}: wait for it to finish, or use another --out-dir")
+
+
+# --------------------------------------------------------------------------------------------------
+# One cell to run, wherever it runs
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A cell that raised (or whose process died): its one-line error."""
+
+    error: str
+
+
+@dataclass(frozen=True)
+class CellJob:
+    """A cell without a current result: its kind and context (with its id), the fingerprint its file will carry, where
+    that file goes, and whether its costs are reported (a fresh process; on a cluster every cell gets one)."""
+
+    kind: str
+    ctx: CellContext
+    fingerprint: dict[str, Any]
+    path: str  # <out>/cells/<id>.json
+    fresh: bool
+
+    @property
+    def cell_id(self) -> str:
+        return self.ctx.cell_id
+
+
+def write_cell_file(path: Path, record: CellRecord) -> None:
+    """The finished cell's file, written whole (a temporary file renamed over it): a cell file is never half there. The
+    temporary name is this writer's own: a cell still running on a cluster worker after its bench was stopped may finish
+    while the rerun's copy of it writes the same file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(json.dumps(record.to_dict(), indent=1, default=float))
+    os.replace(tmp, path)
+
+
+def run_job(job: CellJob, processes: CellProcesses) -> CellRecord | Failed:
+    """Prepare the cell's run folder, run the cell in ``processes``, write its file; a cell that raises (or whose process
+    dies) is a :class:`Failed` with its one-line error, logged, and leaves no cell file."""
+    try:
+        if job.ctx.run_dir:
+            prepare_run_dir(Path(job.ctx.run_dir), job.fingerprint)
+        data = processes.run(job.kind, job.ctx, fresh=job.fresh)
+    except Exception as exc:
+        msg = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        log.error("cell %s failed: %s", job.cell_id, msg)
+        log.debug("%s", traceback.format_exc())
+        return Failed(msg)
+    data = dataclasses.replace(data, fingerprint=job.fingerprint)
+    write_cell_file(Path(job.path), data)
+    return data

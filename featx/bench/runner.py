@@ -32,6 +32,7 @@ The protocol (issue 12), the same for both families:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -40,7 +41,6 @@ import os
 import platform
 import re
 import time
-import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -49,8 +49,8 @@ from featx import __version__
 from featx.bench.cells import CELL_RECORDS, CellRecord, FeaturesCell, FewshotHeadsCell, FinetuneCell
 from featx.bench.config import BenchConfig, dataset_name, unmatched_dataset_keys, validate_bench_config
 from featx.bench.context import CellContext, CellRows
-from featx.bench.fingerprint import Fingerprints, prepare_run_dir, stale_parts
-from featx.bench.processes import CellProcesses, run_folder_lock
+from featx.bench.fingerprint import Fingerprints, stale_parts
+from featx.bench.processes import CellJob, CellProcesses, Failed, run_folder_lock, run_job
 from featx.data import SplitPlan, load_dataset
 from featx.errors import UsageError
 from featx.records import FEATURES, FINETUNE, BenchMeta, BenchResults, DatasetResult, FewshotPoint, ResultRow
@@ -160,11 +160,7 @@ def protocol(config: BenchConfig) -> dict[str, Any]:
 _CellRef = tuple[str, "str | None", str]  # a cell's id, its id before issue 20, its dataset's fingerprint
 
 
-@dataclass(frozen=True)
-class _Failed:
-    """A cell that raised (or whose process died): its one-line error."""
-
-    error: str
+_Failed = Failed  # a cell that raised (or whose process died): its one-line error
 
 
 def run_bench(
@@ -176,6 +172,7 @@ def run_bench(
     command: str = "",
     log_level: int | None = None,
     reuse_stale: bool = False,
+    scheduler: str | None = None,
 ) -> dict[str, Any]:
     """Run every cell without a current result, then write report.md, results.json and the plots into ``out_dir``.
 
@@ -188,6 +185,11 @@ def run_bench(
     refused. One run at a time writes into ``out_dir`` (``.featx-bench.lock``; a second is refused at once).
     ``log_level`` (default: the ``featx`` logger's effective level, so ``featx -q`` gives WARNING) is passed to
     every cell's process. Returns ``{"report": path, "failed": number of failed cells, "results": BenchResults}``.
+
+    ``scheduler`` (``tcp://HOST:8786`` or ``local:N``; needs ``featx[dask]``): the cells without a current result run as
+    Dask tasks on that cluster (:mod:`featx.bench.cluster`), each in a process of its own on a worker, writing its cell
+    file into ``out_dir`` as here; ``out_dir`` (and the datasets, and ``cache_dir`` if given) must be on a filesystem
+    every worker sees. The cell files, results.json and report.md are those of a run here (costs aside).
     """
     from featx.reporting import write_report
 
@@ -198,10 +200,17 @@ def run_bench(
     for setting, keys in unmatched_dataset_keys(config).items():
         log.warning("bench setting %s: no dataset of this run has the name or path %s", setting, ", ".join(keys))
     datasets = bench_datasets(config)
+    if scheduler is not None:
+        from featx.cluster import check_scheduler
+
+        check_scheduler(scheduler)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out-dir {out} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    with run_folder_lock(out) as lock_fd, CellProcesses(lock_fd) as processes:
+    with contextlib.ExitStack() as stack:
+        client = stack.enter_context(_client(scheduler))  # a scheduler that does not answer: nothing is created
+        out.mkdir(parents=True, exist_ok=True)
+        lock_fd = stack.enter_context(run_folder_lock(out))
+        processes = stack.enter_context(CellProcesses(lock_fd))
         cells_dir = out / "cells"
         cells_dir.mkdir(exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
@@ -219,10 +228,15 @@ def run_bench(
             protocol=protocol(config),
         )
         results = BenchResults(meta=meta)
+        loaded = {}  # each dataset scanned and fingerprinted once
+        for d in datasets:
+            ds = load_dataset(d.path)
+            loaded[d.path] = (ds, prints.dataset(ds))
+        grid_args = {"loaded": loaded, "cache_dir": cache_dir, "progress": progress}
 
-        def run(cell: _CellRef, kind: str, ctx: CellContext, fresh_process: bool) -> CellRecord | _Failed:
-            """``cell``: its id, its id before issue 20 (looked for with ``reuse_stale`` only), its dataset's fingerprint."""
-            nonlocal failed
+        def prepare(cell: _CellRef, kind: str, ctx: CellContext, fresh_process: bool) -> CellRecord | CellJob:
+            """The cell's current record (a finished, reusable cell file), else the job that computes it.
+            ``cell``: its id, its id before issue 20 (looked for with ``reuse_stale`` only), its dataset's fingerprint."""
             cell_id, legacy_id, dataset_print = cell
             ctx = dataclasses.replace(ctx, cell_id=cell_id, log_level=level)
             fingerprint = prints.cell(kind, ctx, dataset_print)
@@ -242,133 +256,174 @@ def run_bench(
                 log.info("run cell %s again: %s changed since it ran", cell_id, ", ".join(changed))
             else:
                 log.info("run cell %s", cell_id)
-            try:
-                if ctx.run_dir:
-                    prepare_run_dir(Path(ctx.run_dir), fingerprint)
-                data = processes.run(kind, ctx, fresh=fresh_process)
-            except Exception as exc:
-                failed += 1
-                msg = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                log.error("cell %s failed: %s", cell_id, msg)
-                log.debug("%s", traceback.format_exc())
-                return _Failed(msg)
-            data = dataclasses.replace(data, fingerprint=fingerprint)
-            path = cells_dir / f"{cell_id}.json"
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(data.to_dict(), indent=1, default=float))
-            os.replace(tmp, path)
-            return data
+            return CellJob(kind, ctx, fingerprint, str(cells_dir / f"{cell_id}.json"), fresh_process)
 
-        for d in datasets:
-            ds = load_dataset(d.path)
-            dataset_print = prints.dataset(ds)
-            for backbone in config.backbones:
-                key = d.label if len(config.backbones) == 1 else f"{d.label} / {backbone}"
-                b = backbone.replace(":", "_")
-                slug, legacy = f"{d.prefix}-{b}", (f"{d.legacy}-{b}" if d.legacy else None)
+        def run_here(cell: _CellRef, kind: str, ctx: CellContext, fresh_process: bool, after: str | None = None) -> Any:
+            nonlocal failed
+            job = prepare(cell, kind, ctx, fresh_process)
+            if not isinstance(job, CellJob):
+                return job
+            done = run_job(job, processes)
+            failed += isinstance(done, Failed)
+            return done
 
-                def ids(suffix: str, s: str = slug, old: str | None = legacy, data: str = dataset_print) -> _CellRef:
-                    return f"{s}-{suffix}", (f"{old}-{suffix}" if old else None), data
+        if client is None:
+            _grid(config, datasets, out, results, **grid_args, run=run_here)
+        else:  # plan every cell, run the missing ones on the cluster, then assemble the same entries from their records
+            from featx.bench.cluster import run_cells
 
-                plan = SplitPlan(config.val_fraction, config.test_fraction, config.seed)
-                cap = config.cap_for(d.path)
-                image_size = config.image_size_for(d.path)
-                rows = CellRows.of(ds, plan, cap)
-                ctx = CellContext(
-                    cell_id="",
-                    dataset=str(ds.root if ds.source == "imagefolder" else d.path),
-                    backbone=backbone,
-                    weights=config.weights,
-                    image_size=image_size,
-                    device=config.device,
-                    seed=config.seed,
-                    val_fraction=config.val_fraction,
-                    test_fraction=config.test_fraction,
-                    heads=tuple(config.heads),
-                    finetune=config.finetune_for(d.path),  # with this dataset's augmentation
-                    final_fit=config.final_fit,
-                    rows=rows,
-                    cache_dir=cache_dir,
-                    progress=progress,
-                )
-                n_train, n_val = len(rows.selections["train"]), len(rows.selections["val"])
-                entry = DatasetResult(
-                    dataset=d.path,
-                    backbone=backbone,
-                    image_size=image_size,
-                    classes=list(ds.classes),
-                    splits=plan.describe(ds),
-                    final_fit=config.final_fit,
-                    position_sources=rows.sources,
-                    n_fit=n_train + n_val if config.final_fit == "train+val" else n_train,
-                )
-                if cap:
-                    entry.splits["train"] += f", capped at {cap} per class -> {n_train} images"
-                feats = run(ids("features"), "features", ctx, fresh_process=True)
-                if isinstance(feats, FeaturesCell):
-                    entry.rows += feats.rows
-                    entry.extraction = feats.extraction
-                    entry.images_per_class_all = feats.n_train / max(1, len(ds.classes))
+            records: dict[str, Any] = {}
+            jobs: list[tuple[CellJob, str | None]] = []
+
+            def plan(cell: _CellRef, kind: str, ctx: CellContext, fresh_process: bool, after: str | None = None) -> Any:
+                job = prepare(cell, kind, ctx, fresh_process)
+                if isinstance(job, CellJob):
+                    jobs.append((job, after))
                 else:
-                    entry.rows += [ResultRow(FEATURES, h, status="failed", error=feats.error) for h in config.heads]
-                for strategy in config.strategies:
-                    c = dataclasses.replace(
-                        ctx, strategy=strategy, grid=config.grid_for(strategy), run_dir=str(out / "runs" / f"{slug}-{strategy}")
-                    )
-                    r = run(ids(f"finetune-{strategy}"), "finetune", c, fresh_process=True)
-                    entry.rows.append(
-                        r.row if isinstance(r, FinetuneCell) else ResultRow(FINETUNE, strategy, status="failed", error=r.error)
-                    )
-                if config.fewshot:
-                    few = config.fewshot
-                    r = run(ids("fewshot-heads"), "fewshot_heads", dataclasses.replace(ctx, fewshot=few), fresh_process=False)
-                    if isinstance(r, FewshotHeadsCell):
-                        entry.fewshot += r.points
-                        entry.fewshot_skipped = list(r.skipped)
-                    for row in entry.rows:
-                        if row.accuracy is not None and (row.family == FEATURES or row.strategy == few.finetune_strategy):
-                            entry.fewshot.append(
-                                FewshotPoint(
-                                    method=row.strategy if row.family == FEATURES else f"finetune:{row.strategy}",
-                                    family=row.family,
-                                    shots="all",
-                                    draw=0,
-                                    accuracy=row.accuracy,
-                                    selection="val",
-                                    n_fit=row.n_fit,
-                                    train_positions=row.train_positions,
-                                )
-                            )
-                    if few.finetune_strategy:
-                        ft = dict(ctx.finetune)
-                        if few.finetune_rule_steps:
-                            ft["rule_steps"] = few.finetune_rule_steps
-                        for shots in few.finetune_shots:
-                            try:
-                                plan.fewshot(ds, shots, 0)
-                            except UsageError as exc:
-                                entry.fewshot_skipped.append(f"finetune {shots} shots: {exc}")
-                                continue
-                            for draw in range(few.finetune_draws):
-                                c = dataclasses.replace(
-                                    ctx,
-                                    strategy=few.finetune_strategy,
-                                    shots=shots,
-                                    draw=draw,
-                                    finetune=ft,
-                                    run_dir=str(out / "runs" / f"{slug}-fewshot-{shots}-{draw}"),
-                                )
-                                r = run(ids(f"fewshot-ft-{shots}-{draw}"), "fewshot_finetune", c, fresh_process=False)
-                                if not isinstance(r, _Failed):
-                                    entry.fewshot += r.points
-                if config.layerwise:
-                    r = run(ids("layerwise"), "layerwise", ctx, fresh_process=False)
-                    if not isinstance(r, _Failed):
-                        entry.layerwise = list(r.points)
-                results.datasets[key] = entry
+                    records[cell[0]] = job
+                return Failed("planned")
+
+            _grid(config, datasets, out, results, **grid_args, run=plan)
+            ran = run_cells(client, [(j, a) for j, a in jobs], out=out, code=prints.code, datasets=datasets, cache_dir=cache_dir)
+            failed = sum(isinstance(r, Failed) for r in ran.values())
+            records.update(ran)
+            results.datasets.clear()
+            _grid(config, datasets, out, results, **grid_args, run=lambda cell, *_, **__: records[cell[0]])
         meta.bench_seconds_this_run = time.perf_counter() - t_start
         files = write_report(results.to_dict(), out)
     return {"report": files["report"], "failed": failed, "results": results}
+
+
+def _client(scheduler: str | None) -> Any:
+    if scheduler is None:
+        return contextlib.nullcontext()
+    from featx.cluster import dask_client
+
+    return dask_client(scheduler)
+
+
+def _grid(
+    config: BenchConfig,
+    datasets: list[_Dataset],
+    out: Path,
+    results: BenchResults,
+    run: Any,
+    *,
+    loaded: dict[str, tuple[Any, str]],
+    cache_dir: str | None,
+    progress: bool,
+) -> None:
+    """Walk the grid in its order: ``run(cell, kind, ctx, fresh_process, after=None)`` gives each cell's record (or
+    :class:`Failed`), and each dataset x backbone's :class:`DatasetResult` is assembled from them into ``results``.
+    ``after``: the id of a cell whose output this one reads (the few-shot heads read the features cell's caches); run
+    here, the grid's order sees to it, on a cluster it is a Dask task dependency."""
+    for d in datasets:
+        ds, dataset_print = loaded[d.path]
+        for backbone in config.backbones:
+            key = d.label if len(config.backbones) == 1 else f"{d.label} / {backbone}"
+            b = backbone.replace(":", "_")
+            slug, legacy = f"{d.prefix}-{b}", (f"{d.legacy}-{b}" if d.legacy else None)
+
+            def ids(suffix: str, s: str = slug, old: str | None = legacy, data: str = dataset_print) -> _CellRef:
+                return f"{s}-{suffix}", (f"{old}-{suffix}" if old else None), data
+
+            plan = SplitPlan(config.val_fraction, config.test_fraction, config.seed)
+            cap = config.cap_for(d.path)
+            image_size = config.image_size_for(d.path)
+            rows = CellRows.of(ds, plan, cap)
+            ctx = CellContext(
+                cell_id="",
+                dataset=str(ds.root if ds.source == "imagefolder" else d.path),
+                backbone=backbone,
+                weights=config.weights,
+                image_size=image_size,
+                device=config.device,
+                seed=config.seed,
+                val_fraction=config.val_fraction,
+                test_fraction=config.test_fraction,
+                heads=tuple(config.heads),
+                finetune=config.finetune_for(d.path),  # with this dataset's augmentation
+                final_fit=config.final_fit,
+                rows=rows,
+                cache_dir=cache_dir,
+                progress=progress,
+            )
+            n_train, n_val = len(rows.selections["train"]), len(rows.selections["val"])
+            entry = DatasetResult(
+                dataset=d.path,
+                backbone=backbone,
+                image_size=image_size,
+                classes=list(ds.classes),
+                splits=plan.describe(ds),
+                final_fit=config.final_fit,
+                position_sources=rows.sources,
+                n_fit=n_train + n_val if config.final_fit == "train+val" else n_train,
+            )
+            if cap:
+                entry.splits["train"] += f", capped at {cap} per class -> {n_train} images"
+            feats = run(ids("features"), "features", ctx, fresh_process=True)
+            if isinstance(feats, FeaturesCell):
+                entry.rows += feats.rows
+                entry.extraction = feats.extraction
+                entry.images_per_class_all = feats.n_train / max(1, len(ds.classes))
+            else:
+                entry.rows += [ResultRow(FEATURES, h, status="failed", error=feats.error) for h in config.heads]
+            for strategy in config.strategies:
+                c = dataclasses.replace(
+                    ctx, strategy=strategy, grid=config.grid_for(strategy), run_dir=str(out / "runs" / f"{slug}-{strategy}")
+                )
+                r = run(ids(f"finetune-{strategy}"), "finetune", c, fresh_process=True)
+                entry.rows.append(
+                    r.row if isinstance(r, FinetuneCell) else ResultRow(FINETUNE, strategy, status="failed", error=r.error)
+                )
+            if config.fewshot:
+                few = config.fewshot
+                fs = dataclasses.replace(ctx, fewshot=few)
+                r = run(ids("fewshot-heads"), "fewshot_heads", fs, fresh_process=False, after=ids("features")[0])
+                if isinstance(r, FewshotHeadsCell):
+                    entry.fewshot += r.points
+                    entry.fewshot_skipped = list(r.skipped)
+                for row in entry.rows:
+                    if row.accuracy is not None and (row.family == FEATURES or row.strategy == few.finetune_strategy):
+                        entry.fewshot.append(
+                            FewshotPoint(
+                                method=row.strategy if row.family == FEATURES else f"finetune:{row.strategy}",
+                                family=row.family,
+                                shots="all",
+                                draw=0,
+                                accuracy=row.accuracy,
+                                selection="val",
+                                n_fit=row.n_fit,
+                                train_positions=row.train_positions,
+                            )
+                        )
+                if few.finetune_strategy:
+                    ft = dict(ctx.finetune)
+                    if few.finetune_rule_steps:
+                        ft["rule_steps"] = few.finetune_rule_steps
+                    for shots in few.finetune_shots:
+                        try:
+                            plan.fewshot(ds, shots, 0)
+                        except UsageError as exc:
+                            entry.fewshot_skipped.append(f"finetune {shots} shots: {exc}")
+                            continue
+                        for draw in range(few.finetune_draws):
+                            c = dataclasses.replace(
+                                ctx,
+                                strategy=few.finetune_strategy,
+                                shots=shots,
+                                draw=draw,
+                                finetune=ft,
+                                run_dir=str(out / "runs" / f"{slug}-fewshot-{shots}-{draw}"),
+                            )
+                            r = run(ids(f"fewshot-ft-{shots}-{draw}"), "fewshot_finetune", c, fresh_process=False)
+                            if not isinstance(r, _Failed):
+                                entry.fewshot += r.points
+            if config.layerwise:
+                r = run(ids("layerwise"), "layerwise", ctx, fresh_process=False)
+                if not isinstance(r, _Failed):
+                    entry.layerwise = list(r.points)
+            results.datasets[key] = entry
 
 
 def _read_cell(path: Path, kind: str) -> CellRecord | None:

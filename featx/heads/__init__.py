@@ -17,7 +17,7 @@ The package, in dependency order:
 - ``arrays``: fit_head_arrays (choice by val / cross-validation / rule, refit), the linear probe for LP-FT.
 - ``fitted``: FittedHead and its record, the checks and carving of cached rows.
 - ``streamed``: fit_head_streamed, for caches larger than memory.
-- ``fit``: fit_head on caches.
+- ``fit``: fit_head on caches; fit_heads (several kinds, here or as Dask tasks).
 - ``files``: save_head / load_head (skops, no pickle; only the node types featx writes).
 
 Imports neither torch nor scikit-learn at import time.
@@ -40,7 +40,7 @@ from featx.heads.arrays import (
 )
 from featx.heads.builders import REFIT_TOL, SWEEP_TOL
 from featx.heads.files import PAYLOAD_KEYS, load_head, safe_node_types, save_head
-from featx.heads.fit import fit_head
+from featx.heads.fit import fit_head, fit_heads
 from featx.heads.fitted import FittedHead, check_same_embedder, head_summary, predict_scores, split_features
 from featx.heads.kinds import (
     HEAD_DEFAULT_PARAMS,
@@ -88,6 +88,7 @@ __all__ = [
     "fit_head",
     "fit_head_arrays",
     "fit_head_streamed",
+    "fit_heads",
     "fit_linear_probe",
     "fit_transform_step",
     "grid_edges",

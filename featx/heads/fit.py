@@ -114,3 +114,33 @@ def fit_head(
         **hf.info,
     )
     return FittedHead(hk.name, estimator, list(train.classes), hf.best_params, val_acc, hf.curve, metrics, metadata)
+
+
+def fit_heads(
+    train: FeatureSet | str | os.PathLike[str],
+    val: FeatureSet | str | os.PathLike[str] | None = None,
+    test: FeatureSet | str | os.PathLike[str] | None = None,
+    *,
+    kinds: list[str | HeadKind] | tuple[str | HeadKind, ...],
+    scheduler: str | None = None,
+    **options: Any,
+) -> dict[str, FittedHead]:
+    """:func:`fit_head` for each of ``kinds`` on the same caches (``options``: its keywords); returns kind name -> head.
+
+    ``scheduler`` (``tcp://HOST:8786`` or ``local:N``; needs ``featx[dask]``, see :mod:`featx.cluster`): the kinds are
+    independent Dask tasks, one per kind. Loaded caches are scattered to every worker once (``broadcast=True``) and
+    each task reads them there; cache files (``stream=True``) are read by the tasks, so they must be on a filesystem the
+    workers share. Each head is the one :func:`fit_head` gives here (same sweep, choice, refit and test metrics)."""
+    names = list(dict.fromkeys(head_kind(k).name for k in kinds))
+    if scheduler is None:
+        return {name: fit_head(train, val, test, kind=name, **options) for name in names}
+    from featx.cluster import dask_client
+
+    with dask_client(scheduler) as client:
+        given = [s for s in (train, val, test) if s is not None]
+        inputs = [train, val, test]
+        if not options.get("stream"):  # the features go to every worker once, not once per task
+            scattered = iter(client.scatter(given, broadcast=True, hash=False))
+            inputs = [None if s is None else next(scattered) for s in inputs]
+        futures = {name: client.submit(fit_head, *inputs, kind=name, pure=False, **options) for name in names}
+        return {name: future.result() for name, future in futures.items()}
