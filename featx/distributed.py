@@ -105,3 +105,13 @@ def from_environment(device: str | None = None, *, timeout_s: float = 1800.0) ->
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=_dt.timedelta(seconds=timeout_s))
     return DistContext(rank=rank, world_size=world, local_rank=local, backend=backend, device=dev)
+
+
+def launch_rank() -> int:
+    """This process's rank as the launcher set it (``RANK``; 0 outside torchrun): who prints a command's output."""
+    return _int_env("RANK") if launched() else 0
+
+
+def local_world_size() -> int:
+    """How many ranks torchrun started on this machine (``LOCAL_WORLD_SIZE``; 1 outside torchrun): they share its cores."""
+    return _int_env("LOCAL_WORLD_SIZE") if launched() and "LOCAL_WORLD_SIZE" in os.environ else 1
