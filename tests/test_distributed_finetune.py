@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -122,7 +123,9 @@ def test_ddp_resumes_after_rank0_is_killed_and_matches_uninterrupted_run(
     out = dataset.parent / "cut"
     killed = torchrun_finetune(dataset, out, FEATX_FAILPOINTS="finetune.checkpoint_saved=1:SIGKILL")  # rank 0, epoch 1
     assert killed.returncode != 0
-    assert "rank     : 0" in killed.stderr or "rank: 0" in killed.stderr, killed.stderr[-3000:]  # torchrun names it
+    # torchrun's summary names the rank that died first (a surviving rank may also print featx's one line, if it
+    # notices the lost peer before torchrun stops it)
+    assert re.search(r"Root Cause.*?rank\s*: 0 \(local_rank: 0\)\s*exitcode\s*: -9", killed.stderr, re.S), killed.stderr[-3000:]
     saved = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert saved["epoch"] == 0 and not (out / "result.json").exists()
 
@@ -155,7 +158,6 @@ API_SCRIPT = textwrap.dedent(
                               final_fit="train+val", **common)
     else:
         res = finetune(data, config=FinetuneConfig(strategy="full", freeze_bn_stats=False, **fast), final_fit="train", **common)
-    import torch.distributed as dist
     rank = int(__import__("os").environ["RANK"])
     (out / f"returned-by-rank{rank}.json").write_text(json.dumps(res, sort_keys=True))
     """
@@ -177,12 +179,12 @@ def test_ddp_lp_ft_search_and_train_val_refit(tmp_path: Path, dataset: Path) -> 
     out = tmp_path / "lpft"
     r0, r1 = _torchrun_api(tmp_path, dataset, out, "lp-ft-search")
     assert r0 == r1  # every rank returns rank 0's record
-    assert r0 == json.loads((out / "result.json").read_text(), object_pairs_hook=lambda kv: dict(sorted(kv)))
+    assert r0 == json.loads((out / "result.json").read_text())  # written once, by rank 0
     assert r0["world_size"] == 2 and len(r0["grid"]) == 2 and r0["lp_stage"]["final_n_fit"] == 27 + 15
     assert r0["history"][0]["epoch"] == 0  # lp-ft's probe-initialised network scored on all val rows
-    assert r0["n_fit"] == 42 and len(r0["final_history"]) == r0["best_epoch"] or r0["best_epoch"] == 0
+    assert r0["n_fit"] == 42 and r0["final_epochs"] == len(r0["final_history"]) == r0["best_epoch"]
     assert len(r0["test_predictions"]) == r0["n_test"] == 21
-    assert (out / "final_checkpoint.pt").is_file() or r0["best_epoch"] == 0
+    assert (out / "final_checkpoint.pt").is_file() == (r0["best_epoch"] > 0)
 
 
 @pytest.mark.slow

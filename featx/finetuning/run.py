@@ -322,11 +322,12 @@ def _resolve(
     check_forward_memory(rank_batch, bb.preprocessing.input_size, device, "--batch-size", factor=factor)
     prefixes = trainable_prefixes(config, bb.blocks)
     workers = runtime.default_num_workers() if config.num_workers is None else config.num_workers
-    if dist is not None and device.type == "cpu":  # the ranks on this machine share its cores
+    if dist is not None:  # the ranks on this machine share its cores: each gets its share for threads and workers
         cores = max(1, runtime.usable_cores() // distributed.local_world_size())
-        if config.num_workers is None:
-            workers = min(workers, cores - 1)
-        torch.set_num_threads(max(1, cores - workers))
+        if config.num_workers is None:  # CPU: decode in-process; GPU: up to 8 decode workers per rank, one core left
+            workers = 0 if device.type == "cpu" else max(1, min(8, cores - 1))
+        if device.type == "cpu":
+            torch.set_num_threads(max(1, cores - workers))
     else:
         runtime.configure_threads(workers, device)
     if dist is None or dist.is_main:
