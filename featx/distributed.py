@@ -28,6 +28,7 @@ class DistContext:
     local_rank: int
     backend: str  # "gloo" or "nccl"
     device: str  # "cpu" or "cuda:<local_rank>"
+    local_world_size: int = 1  # ranks on this machine (torchrun's LOCAL_WORLD_SIZE)
 
     @property
     def is_main(self) -> bool:
@@ -69,6 +70,11 @@ def launched() -> bool:
     return all(v in os.environ for v in ENV_VARS) and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def is_main_process() -> bool:
+    """False only in a rank other than 0 of a torchrun job (the CLI prints its summaries on rank 0 only)."""
+    return not launched() or os.environ.get("RANK") == "0"
+
+
 def _int_env(name: str) -> int:
     value = os.environ[name]
     try:
@@ -104,14 +110,5 @@ def from_environment(device: str | None = None, *, timeout_s: float = 1800.0) ->
         backend, dev = "gloo", "cpu"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=_dt.timedelta(seconds=timeout_s))
-    return DistContext(rank=rank, world_size=world, local_rank=local, backend=backend, device=dev)
-
-
-def launch_rank() -> int:
-    """This process's rank as the launcher set it (``RANK``; 0 outside torchrun): who prints a command's output."""
-    return _int_env("RANK") if launched() else 0
-
-
-def local_world_size() -> int:
-    """How many ranks torchrun started on this machine (``LOCAL_WORLD_SIZE``; 1 outside torchrun): they share its cores."""
-    return _int_env("LOCAL_WORLD_SIZE") if launched() and "LOCAL_WORLD_SIZE" in os.environ else 1
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or 1) if (os.environ.get("LOCAL_WORLD_SIZE") or "1").isdigit() else 1
+    return DistContext(rank=rank, world_size=world, local_rank=local, backend=backend, device=dev, local_world_size=local_world)

@@ -323,7 +323,7 @@ def _resolve(
     prefixes = trainable_prefixes(config, bb.blocks)
     workers = runtime.default_num_workers() if config.num_workers is None else config.num_workers
     if dist is not None:  # the ranks on this machine share its cores: each gets its share for threads and workers
-        cores = max(1, runtime.usable_cores() // distributed.local_world_size())
+        cores = max(1, runtime.usable_cores() // dist.local_world_size)
         if config.num_workers is None:  # CPU: decode in-process; GPU: up to 8 decode workers per rank, one core left
             workers = 0 if device.type == "cpu" else max(1, min(8, cores - 1))
         if device.type == "cpu":
