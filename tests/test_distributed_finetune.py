@@ -93,6 +93,68 @@ def test_eval_slices_cover_every_row_once_and_batches_split_evenly() -> None:
     assert len(seeds) == 12 and rank_seed(0, 1, 1) == rank_seed(0, 1, 1) != rank_seed(1, 1, 1)
 
 
+SCORE_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    import torch
+    from PIL import Image
+    from torch import nn
+    from featx import distributed
+    from featx.backbones import build_backbone
+    from featx.data import load_dataset
+    from featx.finetuning import FinetuneConfig
+    from featx.finetuning.env import Env
+
+    data, out = Path(sys.argv[1]), Path(sys.argv[2])
+    dist = distributed.from_environment("cpu")
+    ds, bb = load_dataset(data), build_backbone("timm:resnet10t", "none", image_size=32)
+    tf = bb.preprocessing.build_transform()
+    splits = {name: ds.split(name) for name in ("val", "test")}
+    images = {n: torch.stack([tf(Image.open(s.root / p).convert("RGB")) for p in s.paths]) for n, s in splits.items()}
+    means = {n: x.mean(dim=(1, 2, 3)) for n, x in images.items()}
+
+    class RowOf(nn.Module):  # logits whose argmax is the row an image is: its mean pixel, nearest in the split's table
+        def __init__(self, table):
+            super().__init__()
+            self.table = table
+        def forward(self, x):
+            return -(x.mean(dim=(1, 2, 3))[:, None] - self.table[None, :]).abs() * 1000
+
+    env = Env(ds, dict(splits), {}, bb, {}, torch.device("cpu"), 0, None, False, dist)
+    cfg = FinetuneConfig(batch_size=4, num_workers=0, device="cpu")
+    got = {}
+    for name in splits:
+        model, labels = RowOf(means[name]), torch.from_numpy(splits[name].labels)
+        one_process = nn.functional.cross_entropy(model(images[name]), labels).item()  # every row, here, once
+        y, p, loss = env.score(name, model, cfg, log_loss=True)
+        got[name] = {"labels": y.tolist(), "rows": p.tolist(), "loss": loss, "one_process_loss": one_process,
+                     "distinct": len(set(means[name].tolist()))}
+    (out / f"scores-rank{dist.rank}.json").write_text(json.dumps(got))
+    dist.close()
+    """
+)
+
+
+def test_gathered_scores_hold_every_row_once_in_dataset_order(tmp_path: Path, dataset: Path) -> None:
+    """Env.score under 2 gloo ranks with a model whose prediction *is* the row scored (an image's mean pixel looked
+    up in the split's table): the gathered predictions must be 0..n-1 -- no row missing, repeated or out of order."""
+    script = tmp_path / "score.py"
+    script.write_text(SCORE_SCRIPT)
+    proc = subprocess.run(
+        [*TORCHRUN, str(script), str(dataset), str(tmp_path)], capture_output=True, text=True, env=_env(), timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"scores-rank{r}.json").read_text()) for r in (0, 1))
+    assert r0 == r1  # every rank holds the same gathered scores
+    for name, n in (("val", 15), ("test", 21)):  # odd counts: the ranks' slices differ in size (7/8, 10/11)
+        s = r0[name]
+        assert s["distinct"] == n  # the lookup can tell every row apart
+        assert s["rows"] == list(range(n))
+        assert s["labels"] == load_dataset(dataset).split(name).labels.tolist()
+        assert s["loss"] == pytest.approx(s["one_process_loss"], rel=1e-5)  # summed over the ranks, over n rows
+
+
 def test_ddp_finetune_records_world_size_and_scores_every_row_once(
     whole: tuple[subprocess.CompletedProcess[str], Path], dataset: Path
 ) -> None:
