@@ -706,6 +706,7 @@ def cmd_backbones(args: argparse.Namespace) -> int:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     from featx.data import SplitPlan, load_dataset
+    from featx.distributed import is_main_process
     from featx.errors import UsageError
     from featx.finetuning import FinetuneConfig, finetune, finetune_search
 
@@ -754,6 +755,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         if args.lr_grid is not None or args.wd_grid is not None:
             grid = {"lr": args.lr_grid or [config.lr], "weight_decay": args.wd_grid or [config.weight_decay]}
         result = finetune_search(ds, grid=grid, **common)
+        if not is_main_process():  # under torchrun every rank returns the same result; rank 0 prints it
+            return 0
         rows = [["lr", "weight decay", "val acc", "best epoch", "epochs run", "s"]]
         for r in result["grid"]:
             rows.append(
@@ -772,6 +775,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         print(f"chosen on val: lr {c['lr']:g}, weight decay {c['weight_decay']:g}, {c['epochs']} epochs{edge}\n")
     else:
         result = finetune(ds, selection=args.selection, **common)
+    if not is_main_process():  # under torchrun every rank returns the same result; rank 0 prints it
+        return 0
     m = result["metrics"]
     val = "-" if result["val_accuracy"] is None else f"{result['val_accuracy']:.3f}"
     print(

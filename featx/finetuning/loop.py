@@ -41,11 +41,14 @@ def train_one_epoch(
     *,
     channels_last: bool = False,
     desc: str = "train",
+    step_every_batch: bool = False,
 ) -> dict[str, float]:
     """One pass over ``loader`` (batches of ``ImageFiles`` items) with one optimizer and scheduler step per batch.
 
     The caller sets train/eval modes (frozen BatchNorm layers must stay in eval). Images that failed to
-    decode are left out of the loss rather than trained on as black squares. Returns the mean loss and
+    decode are left out of the loss rather than trained on as black squares; a batch with no image left is skipped,
+    except with ``step_every_batch`` (DDP: every rank must take every step, so such a batch runs with its loss
+    times 0 and counts no image). Returns the mean loss and
     accuracy, ``images``, ``steps`` (optimizer steps taken) and ``seconds``.
     """
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -57,7 +60,8 @@ def train_one_epoch(
     try:
         for images, labels, _, errors in loader:
             ok = torch.tensor([not e for e in errors], dtype=torch.bool)
-            if not ok.all():
+            void = step_every_batch and not ok.any()
+            if not ok.all() and not void:
                 images, labels = images[ok], labels[ok]
                 if len(labels) == 0:
                     continue
@@ -66,6 +70,8 @@ def train_one_epoch(
             with runtime.autocast(device, precision):
                 logits = model(x)
                 loss = criterion(logits, y)
+                if void:
+                    loss = loss * 0.0
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -75,6 +81,9 @@ def train_one_epoch(
                 loss.backward()
                 optimizer.step()
             scheduler.step()
+            step += 1
+            if void:
+                continue
             n = len(y)
             loss_sum += loss.item() * n
             correct += int((logits.argmax(1) == y).sum().item())
@@ -82,8 +91,7 @@ def train_one_epoch(
             bar.update(n)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
             if debug:
-                log.debug("%s step %d: loss %.4f, lr %.2e", desc, step, loss.item(), optimizer.param_groups[-1]["lr"])
-            step += 1
+                log.debug("%s step %d: loss %.4f, lr %.2e", desc, step - 1, loss.item(), optimizer.param_groups[-1]["lr"])
     finally:
         bar.close()
     seconds = time.perf_counter() - t0
@@ -116,10 +124,18 @@ def evaluate_log_loss(
 def _predict(
     model: nn.Module, loader: Iterable[Any], device: torch.device, precision: str, *, channels_last: bool, log_loss: bool
 ) -> tuple[np.ndarray, np.ndarray, float]:
+    y_all, y_pred, nll_sum = predict_rows(model, loader, device, precision, channels_last=channels_last, log_loss=log_loss)
+    return y_all, y_pred, nll_sum / max(len(y_all), 1)
+
+
+def predict_rows(
+    model: nn.Module, loader: Iterable[Any], device: torch.device, precision: str, *, channels_last: bool, log_loss: bool
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Labels, predictions and the *summed* cross-entropy over ``loader`` (empty arrays for an empty loader)."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model.eval()
-    y_true: list[np.ndarray] = []
-    y_pred: list[np.ndarray] = []
+    y_true: list[np.ndarray] = [np.zeros(0, dtype=np.int64)]
+    y_pred: list[np.ndarray] = [np.zeros(0, dtype=np.int64)]
     nll_sum = 0.0
     with torch.inference_mode():
         for images, labels, _, _ in loader:
@@ -131,8 +147,7 @@ def _predict(
                 nll_sum += float(torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum").item())
             y_true.append(labels.numpy())
             y_pred.append(logits.argmax(1).cpu().numpy())
-    y_all = np.concatenate(y_true)
-    return y_all, np.concatenate(y_pred), nll_sum / max(len(y_all), 1)
+    return np.concatenate(y_true), np.concatenate(y_pred), nll_sum
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:

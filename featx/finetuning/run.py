@@ -1,6 +1,7 @@
 """The entry points, :func:`finetune` and :func:`finetune_search`, as four steps: resolve (checks, rows, network,
 environment) -> select (the epoch on val, over a grid, or the few-shot rule) -> final fit (the train + val refit)
--> record (test scored once, the result JSON).
+-> record (test scored once, the result JSON). Under ``torchrun`` every rank runs these steps
+(:mod:`featx.finetuning.ddp`); rank 0 writes the files and every rank returns rank 0's result.
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from featx import __version__, runtime
+from featx import __version__, distributed, runtime
 from featx.backbones import POOLED, EmbedderSpec, build_embedder, embedder_spec
 from featx.data import FINAL_FITS, ImageDataset, RowSelection, Split, SplitPlan, load_dataset, refuse_inside_dataset
 from featx.errors import DataError, UsageError
 from featx.finetuning.checkpoints import CHECKPOINT_NAME, FINAL_CHECKPOINT_NAME, GRID_DIR, RESULT_NAME, point_name, save_atomic
 from featx.finetuning.config import SELECTIONS, FinetuneConfig, augment_record, check_grid, default_search_grid, hyper_rule
+from featx.finetuning.ddp import batch_norm_mode, distributed_failure, on_main, per_rank_batch
 from featx.finetuning.env import Env
-from featx.finetuning.loop import TrainState, best_grid_index, evaluate, trainable_prefixes
+from featx.finetuning.loop import TrainState, best_grid_index, trainable_prefixes
 from featx.finetuning.probe import Probe, final_probe, no_probe, selection_probe
 from featx.finetuning.stage import StageOutcome, run_stage
 from featx.heads import grid_edges
@@ -171,10 +173,56 @@ def _run(
     selection: str,
     grid: dict[str, list[float]] | None,
 ) -> dict[str, Any]:
-    """Resolve -> select -> final fit -> record; test is scored once, on the final model."""
+    """Resolve -> select -> final fit -> record; test is scored once, on the final model.
+
+    Under torchrun this call joins the process group (and leaves it at the end if it joined it)."""
     t_call = time.perf_counter()
     final_fit = _check_options(config, selection, final_fit)
-    env, out = _resolve(dataset, embedder, config, split_plan, train_rows, out_dir, resume, progress, selection, grid)
+    joined = not torch.distributed.is_initialized()
+    dist = distributed.from_environment(config.device)
+    try:
+        with _quiet_unless_main(dist):
+            return _run_ranks(
+                dataset,
+                dist,
+                t_call,
+                embedder,
+                config,
+                split_plan,
+                train_rows,
+                out_dir,
+                resume,
+                progress,
+                final_fit,
+                selection,
+                grid,
+            )
+    except RuntimeError as exc:
+        if dist is not None and _collective_failure(exc):
+            raise distributed_failure(dist, exc) from exc
+        raise
+    finally:
+        if dist is not None and joined:
+            dist.close()
+
+
+def _run_ranks(
+    dataset: str | os.PathLike[str] | ImageDataset,
+    dist: distributed.DistContext | None,
+    t_call: float,
+    embedder: EmbedderSpec,
+    config: FinetuneConfig,
+    split_plan: SplitPlan,
+    train_rows: Sequence[int] | np.ndarray | None,
+    out_dir: str | os.PathLike[str],
+    resume: bool,
+    progress: bool,
+    final_fit: str,
+    selection: str,
+    grid: dict[str, list[float]] | None,
+) -> dict[str, Any]:
+    progress = progress and (dist is None or dist.is_main)
+    env, out = _resolve(dataset, embedder, config, split_plan, train_rows, out_dir, resume, progress, selection, grid, dist)
     with runtime.ResourceMeter(env.device) as meter, _logs_above_bars(progress):
         selected = _select(env, config, out, selection=selection, grid=grid, resume=resume)
         final = _final_fit(env, config, selected.chosen, out, resume=resume) if final_fit == "train+val" else None
@@ -182,8 +230,7 @@ def _run(
         cfg = selected.chosen.config
         wall_seconds = time.perf_counter() - t_call
         host_rss_mb = runtime.peak_rss_mb()
-        test_loader = env.loader("test", train=False, config=cfg)
-        y_true, y_pred = evaluate(model, test_loader, env.device, cfg.precision, channels_last=cfg.channels_last)
+        y_true, y_pred, _ = env.score("test", model, cfg, log_loss=False)
     measured = {
         "wall_seconds": wall_seconds,
         "peak_memory_mb": meter.peak_memory_mb,
@@ -191,8 +238,31 @@ def _run(
         "host_rss_mb": host_rss_mb,
     }
     result = _record(env, config, selection, final_fit, grid, selected, final, model, y_true, y_pred, measured)
-    save_atomic(out / RESULT_NAME, lambda p: p.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8"))
-    return result
+    if env.is_main:
+        save_atomic(out / RESULT_NAME, lambda p: p.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8"))
+    return result if dist is None else dist.broadcast(result)  # rank 0's record on every rank
+
+
+def _collective_failure(exc: RuntimeError) -> bool:
+    """A collective that failed because a peer went away (gloo/NCCL errors, timeouts), not a bug in this rank."""
+    if isinstance(exc, torch.distributed.DistError):
+        return True
+    text = str(exc)
+    return any(k in text for k in ("gloo", "Gloo", "NCCL", "Connection closed", "Connection reset", "timed out", "Broken pipe"))
+
+
+@contextlib.contextmanager
+def _quiet_unless_main(dist: distributed.DistContext | None) -> Iterator[None]:
+    """Under torchrun only rank 0 logs the epoch lines (the others would repeat them); warnings still show."""
+    if dist is None or dist.is_main:
+        yield
+        return
+    old = log.level
+    log.setLevel(max(logging.WARNING, old))
+    try:
+        yield
+    finally:
+        log.setLevel(old)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -224,15 +294,23 @@ def _resolve(
     progress: bool,
     selection: str,
     grid: dict[str, list[float]] | None,
+    dist: distributed.DistContext | None = None,
 ) -> tuple[Env, Path]:
-    """Device, out_dir, rows and network, checked in this order before anything is written; then the shared Env."""
-    device = runtime.resolve_device(config.device)
+    """Device, out_dir, rows and network, checked in this order before anything is written; then the shared Env.
+    Under DDP: this rank's device, the per-rank batch, the checkpoint checks on rank 0 (it is the one that wrote it)."""
+    device = runtime.resolve_device(config.device) if dist is None else torch.device(dist.device)
     runtime.check_precision(config.precision, device)
+    world = 1 if dist is None else dist.world_size
+    rank_batch = per_rank_batch(config.batch_size, world)
     out = Path(out_dir).expanduser()
-    if resume and grid is None and not (out / CHECKPOINT_NAME).is_file():
-        raise UsageError(f"resume=True but there is no checkpoint at {out / CHECKPOINT_NAME}")
-    if resume and grid is not None and not (out / GRID_DIR).is_dir():
-        raise UsageError(f"resume=True but there is no grid search to resume in {out / GRID_DIR}")
+
+    def check_resume() -> None:
+        if resume and grid is None and not (out / CHECKPOINT_NAME).is_file():
+            raise UsageError(f"resume=True but there is no checkpoint at {out / CHECKPOINT_NAME}")
+        if resume and grid is not None and not (out / GRID_DIR).is_dir():
+            raise UsageError(f"resume=True but there is no grid search to resume in {out / GRID_DIR}")
+
+    on_main(dist, check_resume)
     ds = dataset if isinstance(dataset, ImageDataset) else load_dataset(dataset)
     refuse_inside_dataset(out, ds, "--out-dir")
     splits, positions = _resolve_splits(ds, split_plan, train_rows)
@@ -241,13 +319,27 @@ def _resolve(
         positions.pop("val")
     bb = build_embedder(embedder)
     factor = FORWARD_MEMORY_FACTOR if config.strategy == "head" else TRAINING_MEMORY_FACTOR  # head: frozen features
-    check_forward_memory(config.batch_size, bb.preprocessing.input_size, device, "--batch-size", factor=factor)
+    check_forward_memory(rank_batch, bb.preprocessing.input_size, device, "--batch-size", factor=factor)
     prefixes = trainable_prefixes(config, bb.blocks)
     workers = runtime.default_num_workers() if config.num_workers is None else config.num_workers
-    runtime.configure_threads(workers, device)
-    out.mkdir(parents=True, exist_ok=True)
+    if dist is not None:  # the ranks on this machine share its cores: each gets its share for threads and workers
+        cores = max(1, runtime.usable_cores() // dist.local_world_size)
+        if config.num_workers is None:  # CPU: decode in-process; GPU: up to 8 decode workers per rank, one core left
+            workers = 0 if device.type == "cpu" else max(1, min(8, cores - 1))
+        if device.type == "cpu":
+            torch.set_num_threads(max(1, cores - workers))
+    else:
+        runtime.configure_threads(workers, device)
+    if dist is None or dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    if batch_norm_mode(config.strategy, config.freeze_bn_stats, world, device) == "per-rank" and (dist is None or dist.is_main):
+        log.warning(
+            "BatchNorm statistics train but SyncBatchNorm needs GPUs: on gloo/CPU each rank normalises its own %d images "
+            "per step and the running statistics are rank 0's",
+            rank_batch,
+        )
     pretrained = {k: v.detach().clone() for k, v in bb.model.state_dict().items()}
-    return Env(ds, splits, positions, bb, pretrained, device, workers, prefixes, progress), out
+    return Env(ds, splits, positions, bb, pretrained, device, workers, prefixes, progress, dist), out
 
 
 def _resolve_splits(
@@ -308,7 +400,8 @@ def _select_on_val(
     grid_rows: list[dict[str, Any]] = []
     chosen = None
     for i, (cfg, folder) in enumerate(points):
-        folder.mkdir(parents=True, exist_ok=True)
+        if env.is_main:
+            folder.mkdir(parents=True, exist_ok=True)
         label = "" if grid is None else f"[{i + 1}/{len(points)} lr {cfg.lr:.0e} wd {cfg.weight_decay:g}] "
         t0 = time.perf_counter()
         o = run_stage(
@@ -405,6 +498,7 @@ def _record(
     train_images = sum(h["images"] for hist in histories for h in hist)
     fit_rows = positions["train"].pairs() + (positions["val"].pairs() if final is not None else [])
     backbone_updated, fine_tune_epochs = _what_trained(env, model, state, final, use_val)
+    world = 1 if env.dist is None else env.dist.world_size
     result: dict[str, Any] = {
         "strategy": config.strategy,
         "embedder": env.bb.spec.to_dict(),
@@ -448,6 +542,10 @@ def _record(
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "total_params": sum(p.numel() for p in model.parameters()),
         "device": str(env.device),
+        "world_size": world,
+        "backend": None if env.dist is None else env.dist.backend,
+        "per_rank_batch_size": cfg.batch_size // world,
+        "batch_norm": batch_norm_mode(cfg.strategy, cfg.freeze_bn_stats, world, env.device),
         "precision": config.precision,
         "lp_stage": (final.meta if final is not None else chosen.meta).get("lp_stage"),
         "rule": selected.rule,

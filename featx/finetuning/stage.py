@@ -1,11 +1,13 @@
 """One training run (a grid point, the rule's run, or the train + val refit), the epoch loop of torchvision's
 ``main``: start from the pretrained weights (or resume from the checkpoint), train epoch by epoch on ``cfg``'s LR
 schedule, score val after each epoch when selecting (early stopping; lp-ft's probe-initialised network is epoch
-0), and rewrite the checkpoint after every epoch.
+0), and rewrite the checkpoint after every epoch. Under torchrun the same loop runs on every rank with the
+differences listed in :mod:`featx.finetuning.ddp` (rank 0 reads and writes the checkpoint, scores are gathered).
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -18,10 +20,10 @@ from torch import nn
 
 from featx.finetuning.checkpoints import restore, resume_checkpoint, rows_key, save_checkpoint
 from featx.finetuning.config import FinetuneConfig
+from featx.finetuning.ddp import batch_norm_mode, gather_train_stats, on_main, seed_rank, sync_state, wrap
 from featx.finetuning.env import Env
 from featx.finetuning.loop import (
     TrainState,
-    evaluate_log_loss,
     format_epoch_line,
     make_optimizer,
     set_train_mode,
@@ -65,10 +67,15 @@ def run_stage(
     splits = {fit: env.split(fit), **({"val": env.split("val")} if use_val else {}), "test": env.split("test")}
     key = rows_key(splits)
     ckpt = None
-    if resume and ckpt_path.is_file():
-        ckpt = resume_checkpoint(ckpt_path, cfg, env.bb, key, stage=stage, epochs=epochs)
-    head_init, meta = probe() if ckpt is None else (None, dict(ckpt.get("meta") or {}))
+    if resume:  # under DDP rank 0 reads (and checks) the checkpoint and every rank resumes from its copy
+        ckpt = on_main(
+            env.dist,
+            lambda: resume_checkpoint(ckpt_path, cfg, env.bb, key, stage=stage, epochs=epochs) if ckpt_path.is_file() else None,
+        )
+    head_init, meta = on_main(env.dist, probe) if ckpt is None else (None, dict(ckpt.get("meta") or {}))
     model = env.build_model(cfg, head_init)
+    world = env.dist.world_size if env.dist is not None else 1
+    train_model = wrap(model, env.dist, batch_norm_mode(cfg.strategy, cfg.freeze_bn_stats, world, env.device))
     train_loader = env.loader(fit, train=True, config=cfg)
     optimizer = make_optimizer(model, cfg)
     steps = len(train_loader)
@@ -90,9 +97,14 @@ def run_stage(
             break
         t0 = time.perf_counter()
         set_train_mode(model, cfg.strategy, env.prefixes, cfg.freeze_bn_stats)
-        train_loader.generator.manual_seed(cfg.seed * 100_003 + epoch)
+        if env.dist is None:
+            train_loader.generator.manual_seed(cfg.seed * 100_003 + epoch)
+        else:  # the same permutation on every rank, per-rank augmentation and dropout streams
+            train_loader.sampler.set_epoch(epoch)
+            seed_rank(cfg.seed, epoch, env.dist.rank)
+            train_loader.generator.manual_seed(torch.initial_seed())
         stats = train_one_epoch(
-            model,
+            train_model,
             criterion,
             optimizer,
             scheduler,
@@ -103,7 +115,11 @@ def run_stage(
             env.progress,
             channels_last=cfg.channels_last,
             desc=f"{label}epoch {epoch + 1}/{epochs}",
+            step_every_batch=env.dist is not None,
         )
+        if env.dist is not None:
+            stats = gather_train_stats(env.dist, stats)
+            sync_state(env.dist, model)  # the weights rank 0 saves are the ones every rank scores with
         entry = {
             "epoch": epoch + 1,
             "train_loss": stats["loss"],
@@ -134,6 +150,8 @@ def run_stage(
                 prefix=label,
             )
         )
+        if not env.is_main:
+            continue
         save_checkpoint(
             ckpt_path,
             model=model,
@@ -152,13 +170,15 @@ def run_stage(
     if use_val:
         assert state.best_state is not None  # epochs >= 1 is validated, and a checkpoint holds >= 1 epoch
         model.load_state_dict(state.best_state)
+    if train_model is not model:  # drop DDP's gradient hooks before the next run wraps the same modules
+        del train_model
+        gc.collect()
     return StageOutcome(state, model, meta, resumed_from, cfg)
 
 
 def _score_val(env: Env, cfg: FinetuneConfig, model: nn.Module) -> tuple[float, float]:
-    """Val accuracy and log-loss of ``model`` as it is now."""
-    val_loader = env.loader("val", train=False, config=cfg)
-    y_true, y_pred, val_loss = evaluate_log_loss(model, val_loader, env.device, cfg.precision, channels_last=cfg.channels_last)
+    """Val accuracy and log-loss of ``model`` as it is now (every val row once, gathered under DDP)."""
+    y_true, y_pred, val_loss = env.score("val", model, cfg, log_loss=True)
     return float(np.mean(y_true == y_pred)), val_loss
 
 
