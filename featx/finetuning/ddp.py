@@ -58,10 +58,12 @@ class RankFailedError(FeatxError):
 def per_rank_batch(batch_size: int, world_size: int) -> int:
     """The images each rank loads per step: the global ``batch_size`` split evenly over the ranks."""
     if batch_size % world_size:
-        raise UsageError(
+        err = UsageError(
             f"--batch-size {batch_size} is the global batch and must be divisible by the {world_size} ranks "
             f"(each rank loads batch-size / world-size images per step); use e.g. {-(-batch_size // world_size) * world_size}"
         )
+        err.on_every_rank = True  # type: ignore[attr-defined]  # every rank raises it: the CLI prints it once (rank 0)
+        raise err
     return batch_size // world_size
 
 
