@@ -593,10 +593,11 @@ def _head_cache_attrs(cache: Any) -> dict[str, Any]:
 
 
 def cmd_fit_head(args: argparse.Namespace) -> int:
-    from featx.data import SplitPlan
+    from featx.data import SplitPlan, refuse_unusable_folder
     from featx.errors import UsageError
     from featx.heads import HEADS, fit_heads, head_summary, save_head
 
+    refuse_unusable_folder(args.out_dir, "--out-dir")
     kinds = list(HEADS) if args.head == "all" else [h.strip() for h in args.head.split(",") if h.strip()]
     unknown = [k for k in kinds if k not in HEADS]
     if unknown or not kinds:
@@ -660,11 +661,16 @@ def cmd_fit_head(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from featx.data import refuse_unusable_folder
     from featx.errors import UsageError
     from featx.prediction import predict
 
     if not args.inputs and not args.cache:
         raise UsageError("give images, folders or a CSV to predict, or --cache")
+    if args.output not in (None, "-"):  # checked before predicting, not on the first write afterwards
+        if Path(args.output).expanduser().is_dir():
+            raise UsageError(f"--output {args.output} is a folder; name a .csv or .json file")
+        refuse_unusable_folder(Path(args.output).expanduser().parent, "--output's folder")
     cache = None
     if args.cache:
         from featx.cache import resolve_cache_path

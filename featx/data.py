@@ -433,13 +433,29 @@ def is_within(path: str | os.PathLike[str], folder: str | os.PathLike[str]) -> b
         probe = parent
 
 
+def refuse_unusable_folder(path: str | os.PathLike[str], what: str) -> None:
+    """Raise :class:`UsageError` when ``path``, a folder featx is about to write into (``what``: the option that
+    named it), cannot be one: it, or the nearest part of it that exists, is a file, or that part is not writable.
+    Checked up front, so a run does not do its work and then fail on its first write; nothing is created."""
+    p = Path(path).expanduser()
+    probe = p
+    while not os.path.lexists(probe) and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "" if probe == p else f" ({printable_path(probe)} is a file)"
+        raise UsageError(f"{what} {printable_path(p)} is not a folder{where}; choose a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"{what} {printable_path(p)}: {printable_path(probe)} is not writable; choose another folder")
+
+
 def refuse_inside_dataset(path: str | os.PathLike[str], dataset: str | os.PathLike[str] | ImageDataset, what: str) -> None:
     """Raise :class:`UsageError` when ``path``, a folder featx is about to write into (``what``: the option that
-    named it, e.g. ``"--cache-dir"``), is an ImageFolder dataset's folder or lies inside it: a scan counts every
-    new image file there as a training image, and a new sub-folder of a split becomes a class (an empty one
-    breaks every later run). ``dataset`` is an :class:`ImageDataset` or a path as given to :func:`load_dataset`.
-    A CSV manifest names its files, so writing beside them changes nothing: never refused. Call it before
-    anything is created."""
+    named it, e.g. ``"--cache-dir"``), cannot be a folder (:func:`refuse_unusable_folder`), or is an ImageFolder
+    dataset's folder or lies inside it: a scan counts every new image file there as a training image, and a new
+    sub-folder of a split becomes a class (an empty one breaks every later run). ``dataset`` is an
+    :class:`ImageDataset` or a path as given to :func:`load_dataset`. A CSV manifest names its files, so writing
+    beside them changes nothing: never refused. Call it before anything is created."""
+    refuse_unusable_folder(path, what)
     if isinstance(dataset, ImageDataset):
         if dataset.source != "imagefolder":
             return
