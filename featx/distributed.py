@@ -62,10 +62,18 @@ class DistContext:
         return out
 
     def close(self) -> None:
+        """Leave the process group. With gloo, every rank first meets the others (a barrier bounded to 30 s, errors
+        ignored: a rank may be gone): a rank that tore its group down while a peer's last collective was still in
+        flight left a gloo worker thread holding that work, and the process aborted at exit ("terminate called
+        without an active exception", SIGABRT; pytorch/pytorch#190489), seen once in CI."""
         import torch.distributed as dist
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        if not dist.is_initialized():
+            return
+        if self.backend == "gloo" and self.world_size > 1:
+            with contextlib.suppress(Exception):
+                dist.monitored_barrier(timeout=_dt.timedelta(seconds=30))
+        dist.destroy_process_group()
 
     @contextlib.contextmanager
     def cpu_share(self) -> Iterator[list[int]]:
