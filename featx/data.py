@@ -441,11 +441,12 @@ def refuse_unusable_folder(path: str | os.PathLike[str], what: str) -> None:
     probe = p
     while not os.path.lexists(probe) and probe.parent != probe:
         probe = probe.parent
+    label = "cache folder" if what == "--cache-dir" else f"{what} folder"
     if not probe.is_dir():
-        where = "" if probe == p else f" ({printable_path(probe)} is a file)"
-        raise UsageError(f"{what} {printable_path(p)} is not a folder{where}; choose a folder")
+        where = "not a directory" if probe == p else f"{printable_path(probe)} is not a directory"
+        raise UsageError(f"cannot use {label} {printable_path(p)}: {where}; choose a folder")
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"{what} {printable_path(p)}: {printable_path(probe)} is not writable; choose another folder")
+        raise UsageError(f"cannot use {label} {printable_path(p)}: Permission denied ({printable_path(probe)} is not writable)")
 
 
 def refuse_inside_dataset(path: str | os.PathLike[str], dataset: str | os.PathLike[str] | ImageDataset, what: str) -> None:

@@ -67,6 +67,6 @@ def test_an_output_folder_under_a_file_is_refused_before_any_work(
     argv = [a.format(data=data, cache=tmp_path / "c", bad=tmp_path / "afile" / "out", tmp=tmp_path) for a in args]
     code = main(argv)
     err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and "is not a folder" in err and "afile" in err, err
+    assert code == 2 and len(err.splitlines()) == 1 and "not a directory" in err and "afile" in err, err
     assert not (tmp_path / "c").exists() and not (tmp_path / "b").exists()  # nothing extracted, nothing created
     assert (tmp_path / "afile").read_text() == "mine"
