@@ -142,7 +142,7 @@ def _sweep_logreg(X: np.ndarray, y: np.ndarray, folds: Folds, grid: Grid, ctx: S
         def fit_point_t(f: int, C: float, tol: float, warm: bool) -> float:
             Xtr, ytr, Xva, yva = parts[f]
             lr = _torch_logreg_arrays(Xtr, ytr, C, tol=tol, init=warm_t[f] if warm else None, device=ctx.device)
-            if warm or not ctx.levers.warm_path:  # a cold re-score leaves the path's state (the refit's start) alone
+            if warm:  # only the path's fits are its state (the refit's start); a cold re-score leaves it alone
                 warm_t[f] = lr
                 ctx.state.setdefault("warm", {})[C] = lr if f == 0 else ctx.state["warm"].get(C)
             return _accuracy(lr.predict(Xva), yva)
@@ -157,7 +157,7 @@ def _sweep_logreg(X: np.ndarray, y: np.ndarray, folds: Folds, grid: Grid, ctx: S
         m.set_params(C=C, tol=tol, warm_start=warm)
         with _quiet():
             m.fit(Xtr, ytr)
-        if warm or not ctx.levers.warm_path:  # a cold re-score leaves the path's state (the refit's start) alone
+        if warm:  # only the path's fits are its state (the refit's start); a cold re-score leaves it alone
             models[f] = m
             if f == 0:
                 ctx.state.setdefault("warm", {})[C] = (m.coef_.copy(), m.intercept_.copy(), m.classes_.copy())
@@ -241,7 +241,7 @@ def _sweep_linear_svm(X: np.ndarray, y: np.ndarray, folds: Folds, grid: Grid, ct
         def fit_point(f: int, C: float, tol: float, warm_start: bool) -> float:
             Xtr, Ytr, Xva, yva, classes = parts[f]
             W, _ = _sqhinge_primal(Xtr, Ytr, C, tol=tol, W0=warm[f] if warm_start else None)
-            if warm_start or not ctx.levers.warm_path:  # a cold re-score leaves the path's state alone
+            if warm_start:  # only the path's fits are its state; a cold re-score leaves it alone
                 warm[f] = W
                 if f == 0:
                     ctx.state.setdefault("warm", {})[C] = W
